@@ -175,7 +175,9 @@ def validate_worker_id(worker_id: str | bytes) -> str:
                 f"invalid worker id {worker_id!r}: it must be UTF-8 text"
             ) from exc
     if not isinstance(worker_id, str) or not worker_id:
-        raise ConfigError("invalid worker id: it is empty; pass --id or HAKOBU_WORKER_ID")
+        raise ConfigError(
+            "invalid worker id: it is empty; pass --id or HAKOBU_WORKER_ID"
+        )
     size = len(worker_id.encode("utf-8", "surrogatepass"))
     if size > MAX_WORKER_ID_BYTES:
         raise ConfigError(

@@ -1,18 +1,18 @@
 """Every error hakobu raises on purpose, under one base.
 
-    HakobuError
-    ├── ConfigError            a setting is missing, malformed or out of range
-    ├── ProtocolError          a message broke the wire contract
-    │   ├── DecodeError        bytes that are not a well-formed message
-    │   ├── VersionMismatch    a peer speaks another protocol version
-    │   ├── PayloadTooLarge    a payload or result over max_payload_bytes
-    │   └── InvalidRequest     well-formed but refused (bad field, unknown worker...)
-    ├── TransportError         the network did not carry a request
-    │   └── BrokerUnavailable  no reply within the request timeout (also TimeoutError)
-    ├── StoreError             the database refused a read or write
-    ├── TaskFailed             the task ended failed or cancelled; carries the remote error
-    ├── TaskNotFound           no task has that id
-    └── ResultTimeout          the wait for a result ran out (also TimeoutError)
+HakobuError
+├── ConfigError            a setting is missing, malformed or out of range
+├── ProtocolError          a message broke the wire contract
+│   ├── DecodeError        bytes that are not a well-formed message
+│   ├── VersionMismatch    a peer speaks another protocol version
+│   ├── PayloadTooLarge    a payload or result over max_payload_bytes
+│   └── InvalidRequest     well-formed but refused (bad field, unknown worker...)
+├── TransportError         the network did not carry a request
+│   └── BrokerUnavailable  no reply within the request timeout (also TimeoutError)
+├── StoreError             the database refused a read or write
+├── TaskFailed             the task ended failed or cancelled; carries the remote error
+├── TaskNotFound           no task has that id
+└── ResultTimeout          the wait for a result ran out (also TimeoutError)
 """
 
 from __future__ import annotations

@@ -290,15 +290,15 @@ class Stop(Message):
 
 
 CLIENT_REQUESTS: dict[bytes, type[Message]] = {
-    m.COMMAND: m for m in (Submit, SubmitMany, Status, Wait, Cancel, ListWorkers, ListTasks)
+    m.COMMAND: m
+    for m in (Submit, SubmitMany, Status, Wait, Cancel, ListWorkers, ListTasks)
 }
 CLIENT_REPLIES: dict[bytes, type[Message]] = {m.COMMAND: m for m in (Ok, Error)}
 WORKER_MESSAGES: dict[bytes, type[Message]] = {
     m.COMMAND: m for m in (Ready, Heartbeat, Ack, Result, Drain, Release, Bye)
 }
 BROKER_MESSAGES: dict[bytes, type[Message]] = {
-    m.COMMAND: m
-    for m in (Welcome, Assign, Abort, Stored, Heartbeat, Reconnect, Stop)
+    m.COMMAND: m for m in (Welcome, Assign, Abort, Stored, Heartbeat, Reconnect, Stop)
 }
 
 
@@ -392,7 +392,9 @@ def unpack_value(packed: bytes) -> Any:
     try:
         return msgpack.unpackb(packed, raw=False, use_list=True, strict_map_key=False)
     except Exception as exc:  # msgpack raises many types; all mean bad bytes
-        raise DecodeError(f"value is not msgpack: {type(exc).__name__}", len(packed)) from exc
+        raise DecodeError(
+            f"value is not msgpack: {type(exc).__name__}", len(packed)
+        ) from exc
 
 
 def maxmsgsize(max_payload_bytes: int) -> int:
@@ -442,5 +444,10 @@ def _install_checks(cls: type[Message]) -> None:
     cls._FIELDS = tuple(checks)
 
 
-for _cls in {**CLIENT_REQUESTS, **CLIENT_REPLIES, **WORKER_MESSAGES, **BROKER_MESSAGES}.values():
+for _cls in {
+    **CLIENT_REQUESTS,
+    **CLIENT_REPLIES,
+    **WORKER_MESSAGES,
+    **BROKER_MESSAGES,
+}.values():
     _install_checks(_cls)

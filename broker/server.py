@@ -1,0 +1,366 @@
+"""The socket loop: two ROUTERs, one thread, one commit per turn, then sends.
+
+A turn drains what the sockets hold (up to `batch_max` messages), lets the
+scheduler decide, runs due timers, commits every staged write in one
+transaction, and only then sends ASSIGNs, replies and the rest. A worker is
+only expired in a turn that emptied the workers socket, so heartbeats queued
+behind a burst are read before anyone is declared lost.
+
+Limits:
+- If the store refuses a commit after its retries, memory and disk may
+  disagree, so the broker stops (exit code 4) instead of sending anything;
+  a restart recovers every task from the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import signal
+import threading
+import time
+from types import FrameType
+
+import zmq
+from loguru import logger
+
+from broker.clients import ClientDesk, Reply
+from broker.ratelimit import RateLimit
+from broker.scheduler import Scheduler, recover
+from broker.store import Store
+from config.settings import BrokerSettings
+from sdk import protocol
+from sdk.errors import ProtocolError, StoreError, TransportError
+
+#: Longest poll wait, in seconds, so signals and timers are seen promptly.
+MAX_POLL_S = 0.1
+#: Milliseconds sockets keep unsent messages after close.
+LINGER_MS = 500
+#: Queue limit per peer; a worker this far behind is treated as unreachable.
+HWM_MESSAGES = 100_000
+#: Exit code when the store fails.
+EXIT_STORE_FAILED = 4
+#: Exit code when an endpoint cannot be bound.
+EXIT_BIND_FAILED = 5
+#: Largest capacity a worker may announce.
+MAX_CAPACITY = 10_000
+
+
+def serve(settings: BrokerSettings) -> int:
+    """Run a broker until SIGTERM or SIGINT; return the process exit code."""
+    try:
+        broker = Broker(settings)
+    except StoreError as exc:
+        logger.critical("store.failed error={}", exc)
+        return EXIT_STORE_FAILED
+    except TransportError as exc:
+        logger.critical("broker.bind_failed error={}", exc)
+        return EXIT_BIND_FAILED
+    return broker.run()
+
+
+class Broker:
+    """One broker: store, scheduler, clients desk and the two sockets."""
+
+    def __init__(self, settings: BrokerSettings) -> None:
+        self.settings = settings
+        self.store = Store(settings.db, settings.durability)
+        self.scheduler = Scheduler(
+            settings, self.store.task_payload, self.store.max_note_id() + 1
+        )
+        self.desk = ClientDesk(self.scheduler, self.store, settings.max_payload_bytes)
+        self.stop_signal: int | None = None
+        self.send_failures = 0
+        self.bad_frames = 0
+        self._bad_frame_log = RateLimit()
+        self._held_replies: list[tuple[float, Reply]] = []
+        self._recover()
+
+        self.ctx = zmq.Context()
+        try:
+            self.workers = self._router(settings.workers_endpoint, handover=True)
+            self.clients = self._router(settings.clients_endpoint, handover=False)
+        except TransportError:
+            self.ctx.destroy(0)
+            self.store.close()
+            raise
+        self.poller = zmq.Poller()
+        self.poller.register(self.workers, zmq.POLLIN)
+        self.poller.register(self.clients, zmq.POLLIN)
+
+    def _router(self, endpoint: str, handover: bool) -> zmq.Socket:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, LINGER_MS)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        if handover:
+            sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        sock.setsockopt(
+            zmq.MAXMSGSIZE, protocol.maxmsgsize(self.settings.max_payload_bytes)
+        )
+        sock.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
+        sock.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
+        try:
+            sock.bind(endpoint)
+        except zmq.ZMQError as exc:
+            sock.close(0)
+            raise TransportError(
+                f"cannot bind {endpoint}: {exc}; is another broker running there?"
+            ) from exc
+        return sock
+
+    def _recover(self) -> None:
+        settings = self.settings
+        self.scheduler.begin_turn(time.monotonic(), time.time())
+        window = 3 * settings.liveness * settings.heartbeat_interval_s + 5.0
+        tasks = self.store.open_tasks()
+        notes = self.store.pending_notes()
+        recover(self.scheduler, tasks, notes, self.store.workers(), window)
+        if tasks or notes:
+            logger.info(
+                "broker.recovered tasks={} notifications={}", len(tasks), len(notes)
+            )
+
+    # --- the loop --------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until a stop signal; return the exit code."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_signal)
+            signal.signal(signal.SIGINT, self._on_signal)
+        s = self.settings
+        logger.info(
+            "broker.started version={} workers_endpoint={} clients_endpoint={} db={} "
+            "durability={} heartbeat_s={} liveness={} ack_timeout_s={}",
+            protocol.PROTOCOL_VERSION,
+            s.workers_endpoint,
+            s.clients_endpoint,
+            s.db,
+            s.durability,
+            s.heartbeat_interval_s,
+            s.liveness,
+            s.ack_timeout_s,
+        )
+        code = 0
+        try:
+            while self.stop_signal is None:
+                self.step()
+        except StoreError as exc:
+            logger.critical("store.failed error={}", exc)
+            code = EXIT_STORE_FAILED
+        finally:
+            self.close()
+        logger.info(
+            "broker.stopped signal={} resends={} send_failures={} bad_frames={}",
+            self.stop_signal,
+            self.scheduler.resends,
+            self.send_failures,
+            self.bad_frames,
+        )
+        return code
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.stop_signal = signum
+
+    def step(self) -> None:
+        """Run one turn: drain, decide, commit, send."""
+        self._poll()
+        now, wall = time.monotonic(), time.time()
+        effects = self.scheduler.begin_turn(now, wall)
+        replies: list[Reply] = []
+
+        budget = self.settings.batch_max
+        worker_count = self._drain_workers(budget)
+        self._drain_clients(max(budget - worker_count, 1), replies)
+        self.scheduler.tick(may_expire=worker_count < budget)
+        self.scheduler.assign()
+
+        if self.settings.fault_commit_delay_s:
+            time.sleep(self.settings.fault_commit_delay_s)
+        self.store.commit(effects.batch)
+
+        self.desk.after_commit(effects.ended, now, replies)
+        for task in effects.ended:
+            self.scheduler.tasks.pop(task.id, None)
+        self._send_workers(effects.sends)
+        self._send_clients(replies, now)
+
+    def _poll(self) -> None:
+        now = time.monotonic()
+        due = self.scheduler.next_timer_at()
+        wait_deadline = self.desk.next_wait_deadline()
+        if wait_deadline is not None:
+            due = min(due, wait_deadline)
+        if self._held_replies:
+            due = min(due, self._held_replies[0][0])
+        timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
+        self.poller.poll(int(timeout_s * 1000))
+
+    # --- workers -------------------------------------------------------------------
+
+    def _drain_workers(self, budget: int) -> int:
+        count = 0
+        while count < budget:
+            try:
+                frames = self.workers.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            count += 1
+            try:
+                self._on_worker(frames, time.monotonic())
+            except ProtocolError as exc:
+                self._bad_frame("workers", exc, frames)
+        return count
+
+    def _on_worker(self, frames: list[bytes], at: float) -> None:
+        identity = frames[0]
+        msg = protocol.decode(frames[1:], protocol.WORKER_MESSAGES)
+        try:
+            worker_id = identity.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise protocol.DecodeError("worker id is not UTF-8") from exc
+        scheduler = self.scheduler
+        if isinstance(msg, protocol.Ready):
+            problem = _check_ready(msg, worker_id)
+            if problem is not None:
+                logger.warning(
+                    "worker.refused worker={!r} reason={!r}", worker_id, problem
+                )
+                scheduler.effects.sends.append(
+                    (worker_id, protocol.Stop(s=msg.s, reason=problem))
+                )
+                return
+            scheduler.ready(msg, at)
+            return
+        status = scheduler.session_status(worker_id, msg.s)  # type: ignore[attr-defined]
+        if status == "replaced":
+            reason = f"worker id {worker_id} was taken over by a newer process"
+            stop = protocol.Stop(s=msg.s, reason=reason)  # type: ignore[attr-defined]
+            scheduler.effects.sends.append((worker_id, stop))
+            return
+        if status == "unknown":
+            if not isinstance(msg, protocol.Bye):
+                scheduler.ask_ready(worker_id)
+                again = protocol.Reconnect(
+                    s=msg.s, reason="unknown session; send READY"
+                )  # type: ignore[attr-defined]
+                scheduler.effects.sends.append((worker_id, again))
+            return
+        scheduler.heard(worker_id, at)
+        worker = scheduler.workers[worker_id]
+        if isinstance(msg, protocol.Ack):
+            scheduler.ack(worker, msg.n)
+        elif isinstance(msg, protocol.Result):
+            if msg.ok and len(msg.value) > self.settings.max_payload_bytes:
+                msg = _too_large(msg, self.settings.max_payload_bytes)
+            scheduler.result(worker, msg)
+        elif isinstance(msg, protocol.Release):
+            scheduler.release(worker, msg)
+        elif isinstance(msg, protocol.Drain):
+            scheduler.drain(worker)
+        elif isinstance(msg, protocol.Bye):
+            scheduler.bye(worker)
+
+    def _send_workers(self, sends: list[tuple[str, protocol.Message]]) -> None:
+        for worker_id, msg in sends:
+            frames = protocol.worker_envelope(worker_id.encode("utf-8"), msg)
+            try:
+                self.workers.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                    raise
+                self.send_failures += 1
+                logger.warning(
+                    "broker.send_failed worker={} command={} error={}",
+                    worker_id,
+                    msg.COMMAND.decode(),
+                    "unreachable" if exc.errno == errno.EHOSTUNREACH else "queue full",
+                )
+                self.scheduler.unroutable(worker_id)
+
+    # --- clients -------------------------------------------------------------------
+
+    def _drain_clients(self, budget: int, replies: list[Reply]) -> None:
+        for _ in range(budget):
+            try:
+                frames = self.clients.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                break
+            try:
+                identity, rest = protocol.split_client_envelope(frames)
+            except ProtocolError as exc:
+                self._bad_frame("clients", exc, frames)
+                continue
+            try:
+                msg = protocol.decode(rest, protocol.CLIENT_REQUESTS)
+            except ProtocolError as exc:
+                self._bad_frame("clients", exc, frames)
+                error = protocol.Error(rid=0, type=type(exc).__name__, message=str(exc))
+                replies.append((identity, error))
+                continue
+            self.desk.handle(identity, msg, replies)
+
+    def _send_clients(self, replies: list[Reply], now: float) -> None:
+        delay = self.settings.fault_reply_delay_s
+        if delay:
+            self._held_replies.extend((now + delay, r) for r in replies)
+            due = [r for at, r in self._held_replies if at <= now]
+            self._held_replies = [(at, r) for at, r in self._held_replies if at > now]
+            replies = due
+        for identity, msg in replies:
+            try:
+                self.clients.send_multipart(
+                    protocol.client_envelope(identity, msg), zmq.NOBLOCK, copy=False
+                )
+            except zmq.ZMQError as exc:
+                if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
+                    raise
+                logger.debug("client.gone command={}", msg.COMMAND.decode())
+
+    # --- misc -------------------------------------------------------------------------
+
+    def _bad_frame(self, endpoint: str, exc: Exception, frames: list[bytes]) -> None:
+        self.bad_frames += 1
+        if self._bad_frame_log.allow():
+            logger.warning(
+                "protocol.bad_frame endpoint={} error={!r} frames={} bytes={} "
+                "suppressed={}",
+                endpoint,
+                str(exc)[:200],
+                len(frames),
+                sum(len(f) for f in frames),
+                self._bad_frame_log.take_suppressed(),
+            )
+
+    def close(self) -> None:
+        """Close sockets, context and store; idempotent."""
+        for sock in (self.workers, self.clients):
+            if not sock.closed:
+                sock.close(LINGER_MS)
+        self.ctx.term()
+        self.store.close()
+
+
+def _check_ready(msg: protocol.Ready, worker_id: str) -> str | None:
+    if msg.worker_id != worker_id:
+        return f"READY names {msg.worker_id!r} but the routing id is {worker_id!r}"
+    if not 1 <= msg.capacity <= MAX_CAPACITY:
+        return f"capacity must be 1-{MAX_CAPACITY}"
+    if len(msg.tags) > protocol.MAX_TAGS:
+        return f"at most {protocol.MAX_TAGS} tags"
+    if any(len(h) > protocol.MAX_NAME_CHARS for h in msg.handlers):
+        return "handler names must be at most 200 characters"
+    if not all(isinstance(p, list) and len(p) == 2 for p in msg.held):
+        return "held must list [task, attempt] pairs"
+    if not all(isinstance(t, str) and isinstance(a, int) for t, a in msg.held):
+        return "held must list [task, attempt] pairs"
+    return None
+
+
+def _too_large(msg: protocol.Result, limit: int) -> protocol.Result:
+    return protocol.Result(
+        s=msg.s,
+        task=msg.task,
+        attempt=msg.attempt,
+        ok=False,
+        error_type="PayloadTooLarge",
+        error=f"result is {len(msg.value)} bytes, over the limit of {limit}",
+    )

@@ -1,0 +1,229 @@
+"""The store: every query the broker makes, and the one commit per loop turn.
+
+The broker loop is the only writer. It stages a turn's writes in a `Batch`
+and `Store.commit` applies them in one transaction; peewee and sqlite errors
+become `StoreError` here and nowhere else.
+
+Limits:
+- SQLite only for now; the SQL below sticks to what PostgreSQL also accepts
+  except the pragmas.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import peewee
+from loguru import logger
+
+from broker.models import MODELS, Task, Worker, WorkerNotification, database
+from sdk.errors import StoreError
+
+#: Milliseconds SQLite waits for another process's write lock before failing.
+BUSY_TIMEOUT_MS = 30_000
+#: Rows per multi-row INSERT, under SQLite's bound-variable limit.
+INSERT_CHUNK_ROWS = 200
+#: Tries of one commit when SQLite reports the database locked or busy.
+COMMIT_TRIES = 5
+
+TASK_COLUMNS = tuple(Task._meta.sorted_field_names)
+NOTE_COLUMNS = tuple(WorkerNotification._meta.sorted_field_names)
+WORKER_COLUMNS = tuple(Worker._meta.sorted_field_names)
+
+
+@dataclass
+class Batch:
+    """Writes staged during one loop turn; applied by `Store.commit`."""
+
+    new_tasks: list[dict[str, Any]] = field(default_factory=list)
+    task_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
+    new_notes: list[dict[str, Any]] = field(default_factory=list)
+    note_updates: dict[int, dict[str, Any]] = field(default_factory=dict)
+    workers: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def update_task(self, task_id: str, **fields: Any) -> None:
+        """Stage new values for a task row; later calls win per field."""
+        self.task_updates.setdefault(task_id, {}).update(fields)
+
+    def update_note(self, note_id: int, **fields: Any) -> None:
+        """Stage new values for a worker_notifications row."""
+        self.note_updates.setdefault(note_id, {}).update(fields)
+
+    def __len__(self) -> int:
+        return (
+            len(self.new_tasks)
+            + len(self.task_updates)
+            + len(self.new_notes)
+            + len(self.note_updates)
+            + len(self.workers)
+        )
+
+
+class Store:
+    """The broker's SQLite store."""
+
+    def __init__(self, path: str, durability: str = "normal") -> None:
+        self.path = path
+        pragmas = {
+            "journal_mode": "wal",
+            "synchronous": "full" if durability == "full" else "normal",
+            "foreign_keys": 1,
+            "busy_timeout": BUSY_TIMEOUT_MS,
+            "cache_size": -64_000,
+        }
+        self.db = peewee.SqliteDatabase(path, pragmas=pragmas, autoconnect=False)
+        database.initialize(self.db)
+        try:
+            self.db.connect()
+            self.db.create_tables(MODELS)
+        except peewee.PeeweeException as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+    def close(self) -> None:
+        """Close the connection; idempotent."""
+        if not self.db.is_closed():
+            self.db.close()
+
+    # --- writes ------------------------------------------------------------
+
+    def commit(self, batch: Batch) -> None:
+        """Apply every staged write in one transaction, retrying lock errors."""
+        if not len(batch):
+            return
+        for attempt in range(1, COMMIT_TRIES + 1):
+            try:
+                with self.db.atomic():
+                    self._apply(batch)
+                return
+            except (peewee.OperationalError, sqlite3.OperationalError) as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise StoreError(f"commit failed: {exc}") from exc
+                if attempt == COMMIT_TRIES:
+                    raise StoreError(
+                        f"commit failed after {attempt} tries: {exc}"
+                    ) from exc
+                logger.warning("store.locked attempt={} error={}", attempt, exc)
+                time.sleep(0.05 * attempt)
+            except (peewee.PeeweeException, sqlite3.Error) as exc:
+                raise StoreError(f"commit failed: {exc}") from exc
+
+    def _apply(self, batch: Batch) -> None:
+        for chunk in _chunks(batch.new_tasks, INSERT_CHUNK_ROWS):
+            Task.insert_many(chunk).execute()
+        for chunk in _chunks(batch.new_notes, INSERT_CHUNK_ROWS):
+            WorkerNotification.insert_many(chunk).execute()
+        self._update_many("tasks", "id", batch.task_updates)
+        self._update_many("worker_notifications", "id", batch.note_updates)
+        if batch.workers:
+            rows = list(batch.workers.values())
+            preserve = [getattr(Worker, c) for c in WORKER_COLUMNS if c != "id"]
+            preserve = [f for f in preserve if f.name != "first_seen_at"]
+            for chunk in _chunks(rows, INSERT_CHUNK_ROWS):
+                Worker.insert_many(chunk).on_conflict(
+                    conflict_target=[Worker.id], preserve=preserve
+                ).execute()
+
+    def _update_many(
+        self, table: str, key: str, updates: dict[Any, dict[str, Any]]
+    ) -> None:
+        # Rows changing the same set of columns share one executemany.
+        groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
+        for row_id, values in updates.items():
+            columns = tuple(sorted(values))
+            groups.setdefault(columns, []).append(
+                (*(values[c] for c in columns), row_id)
+            )
+        param = self.db.param
+        for columns, params in groups.items():
+            assignments = ", ".join(f'"{c}" = {param}' for c in columns)
+            sql = f'UPDATE "{table}" SET {assignments} WHERE "{key}" = {param}'
+            self.db.cursor().executemany(sql, params)
+
+    # --- reads -------------------------------------------------------------
+
+    def task_row(self, task_id: str) -> dict[str, Any] | None:
+        """Return one task row as a dict, or None."""
+        return self._one(Task.select().where(Task.id == task_id))
+
+    def task_id_for_key(self, key: str) -> str | None:
+        """Return the id of the task submitted with this idempotency key."""
+        row = self._one(Task.select(Task.id).where(Task.key == key))
+        return row["id"] if row else None
+
+    def task_payload(self, task_id: str) -> bytes:
+        """Return a task's packed payload."""
+        row = self._one(Task.select(Task.payload).where(Task.id == task_id))
+        if row is None:
+            raise StoreError(f"task {task_id} has no row")
+        return bytes(row["payload"])
+
+    def list_tasks(
+        self, state: str | None, worker: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return up to `limit` task rows, newest first, without payloads."""
+        columns = [getattr(Task, c) for c in TASK_COLUMNS if c != "payload"]
+        query = Task.select(*columns)
+        if state:
+            query = query.where(Task.state == state)
+        if worker:
+            query = query.where(Task.worker_id == worker)
+        return self._all(query.order_by(Task.created_at.desc()).limit(limit))
+
+    def open_tasks(self) -> list[dict[str, Any]]:
+        """Return every task not yet terminal, oldest first (for recovery)."""
+        query = Task.select().where(Task.state.in_(("queued", "assigned", "running")))
+        return self._all(query.order_by(Task.created_at))
+
+    def pending_notes(self) -> list[dict[str, Any]]:
+        """Return unacknowledged, live notifications (for recovery)."""
+        query = WorkerNotification.select().where(
+            (WorkerNotification.processed == 0)
+            & (WorkerNotification.superseded == False)  # noqa: E712
+        )
+        return self._all(query.order_by(WorkerNotification.id))
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Return every worker row."""
+        return self._all(Worker.select())
+
+    def max_note_id(self) -> int:
+        """Return the highest notification id used so far, or 0."""
+        try:
+            value = WorkerNotification.select(
+                peewee.fn.MAX(WorkerNotification.id)
+            ).scalar()
+        except (peewee.PeeweeException, sqlite3.Error) as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        return int(value or 0)
+
+    def _one(self, query: peewee.ModelSelect) -> dict[str, Any] | None:
+        rows = self._all(query.limit(1))
+        return rows[0] if rows else None
+
+    def _all(self, query: peewee.ModelSelect) -> list[dict[str, Any]]:
+        try:
+            return list(query.dicts())
+        except (peewee.PeeweeException, sqlite3.Error) as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+
+
+def dump_list(values: Iterable[Any]) -> str:
+    """Encode a list column."""
+    return json.dumps(list(values), separators=(",", ":"))
+
+
+def load_list(text: str | None) -> list[Any]:
+    """Decode a list column."""
+    return json.loads(text) if text else []
+
+
+def _chunks(rows: list[Any], size: int) -> Iterable[list[Any]]:
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
