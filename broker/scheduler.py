@@ -167,9 +167,6 @@ class Scheduler:
         if not same_process and worker.session:
             worker.old_sessions.add(worker.session)
             self._supersede_notes(worker)
-        held = {(str(t), int(a)) for t, a in msg.held}
-        self._reconcile(worker, held, same_process)
-
         worker.session = msg.s
         worker.state = "draining" if msg.draining else "online"
         worker.capacity = msg.capacity
@@ -181,6 +178,8 @@ class Scheduler:
         worker.unavailable_since = self.now if msg.draining else None
         worker.is_unroutable = worker.is_awaiting_ready = False
         worker.recovery_deadline = None
+        held = {(str(t), int(a)) for t, a in msg.held}
+        self._reconcile(worker, held, same_process)
         if not worker.held:
             worker.idle_since = self.now
         self.effects.batch.workers[worker.id] = worker.row()
