@@ -120,6 +120,15 @@ class TaskState:
             "key": self.key,
             "reason": self.reason,
             "created_at": self.created_wall,
+            "failures": self.failures,
+            "losses": self.losses,
+            "result": self.result,
+            "error_type": self.error_type,
+            "error": self.error,
+            "traceback": self.traceback,
+            "attempt_errors": dump_list(self.attempt_errors),
+            "started_at": self.started_wall,
+            "finished_at": self.finished_wall,
         }
 
     def wire(self) -> dict[str, Any]:

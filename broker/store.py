@@ -26,8 +26,6 @@ from sdk.errors import StoreError
 
 #: Milliseconds SQLite waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 30_000
-#: Rows per multi-row INSERT, under SQLite's bound-variable limit.
-INSERT_CHUNK_ROWS = 200
 #: Tries of one commit when SQLite reports the database locked or busy.
 COMMIT_TRIES = 5
 
@@ -98,9 +96,15 @@ class Store:
         if not len(batch):
             return
         for attempt in range(1, COMMIT_TRIES + 1):
+            cursor = self.db.cursor()
             try:
-                with self.db.atomic():
-                    self._apply(batch)
+                cursor.execute("BEGIN")
+                try:
+                    self._apply(cursor, batch)
+                    cursor.execute("COMMIT")
+                except BaseException:
+                    cursor.execute("ROLLBACK")
+                    raise
                 return
             except (peewee.OperationalError, sqlite3.OperationalError) as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
@@ -114,24 +118,41 @@ class Store:
             except (peewee.PeeweeException, sqlite3.Error) as exc:
                 raise StoreError(f"commit failed: {exc}") from exc
 
-    def _apply(self, batch: Batch) -> None:
-        for chunk in _chunks(batch.new_tasks, INSERT_CHUNK_ROWS):
-            Task.insert_many(chunk).execute()
-        for chunk in _chunks(batch.new_notes, INSERT_CHUNK_ROWS):
-            WorkerNotification.insert_many(chunk).execute()
-        self._update_many("tasks", "id", batch.task_updates)
-        self._update_many("worker_notifications", "id", batch.note_updates)
+    def _apply(self, cursor: Any, batch: Batch) -> None:
+        # Hot path: plain executemany on the connection; peewee builds the
+        # schema and the rare queries, but its per-statement cost is 5-30x.
+        self._insert_many(cursor, "tasks", batch.new_tasks)
+        self._insert_many(cursor, "worker_notifications", batch.new_notes)
+        self._update_many(cursor, "tasks", "id", batch.task_updates)
+        self._update_many(cursor, "worker_notifications", "id", batch.note_updates)
         if batch.workers:
-            rows = list(batch.workers.values())
-            preserve = [getattr(Worker, c) for c in WORKER_COLUMNS if c != "id"]
-            preserve = [f for f in preserve if f.name != "first_seen_at"]
-            for chunk in _chunks(rows, INSERT_CHUNK_ROWS):
-                Worker.insert_many(chunk).on_conflict(
-                    conflict_target=[Worker.id], preserve=preserve
-                ).execute()
+            self._insert_many(
+                cursor, "workers", list(batch.workers.values()), upsert="id"
+            )
+
+    def _insert_many(
+        self,
+        cursor: Any,
+        table: str,
+        rows: list[dict[str, Any]],
+        upsert: str | None = None,
+    ) -> None:
+        if not rows:
+            return
+        columns = tuple(rows[0])
+        names = ", ".join(f'"{c}"' for c in columns)
+        marks = ", ".join([self.db.param] * len(columns))
+        sql = f'INSERT INTO "{table}" ({names}) VALUES ({marks})'
+        if upsert:
+            kept = ("first_seen_at", upsert)
+            changes = ", ".join(
+                f'"{c}" = excluded."{c}"' for c in columns if c not in kept
+            )
+            sql += f' ON CONFLICT ("{upsert}") DO UPDATE SET {changes}'
+        cursor.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
 
     def _update_many(
-        self, table: str, key: str, updates: dict[Any, dict[str, Any]]
+        self, cursor: Any, table: str, key: str, updates: dict[Any, dict[str, Any]]
     ) -> None:
         # Rows changing the same set of columns share one executemany.
         groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
@@ -144,7 +165,7 @@ class Store:
         for columns, params in groups.items():
             assignments = ", ".join(f'"{c}" = {param}' for c in columns)
             sql = f'UPDATE "{table}" SET {assignments} WHERE "{key}" = {param}'
-            self.db.cursor().executemany(sql, params)
+            cursor.executemany(sql, params)
 
     # --- reads -------------------------------------------------------------
 
@@ -154,8 +175,12 @@ class Store:
 
     def task_id_for_key(self, key: str) -> str | None:
         """Return the id of the task submitted with this idempotency key."""
-        row = self._one(Task.select(Task.id).where(Task.key == key))
-        return row["id"] if row else None
+        sql = f'SELECT "id" FROM "tasks" WHERE "key" = {self.db.param}'
+        try:
+            row = self.db.cursor().execute(sql, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        return row[0] if row else None
 
     def task_payload(self, task_id: str) -> bytes:
         """Return a task's packed payload."""
@@ -222,8 +247,3 @@ def dump_list(values: Iterable[Any]) -> str:
 def load_list(text: str | None) -> list[Any]:
     """Decode a list column."""
     return json.loads(text) if text else []
-
-
-def _chunks(rows: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(rows), size):
-        yield rows[start : start + size]

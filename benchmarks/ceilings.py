@@ -1,0 +1,88 @@
+"""The baselines hakobu is judged against, measured in the same run.
+
+- transport: a bare pyzmq ROUTER/DEALER round trip, pipelined, no store;
+- store: a bare SQLite insert-and-commit loop with the broker's pragmas,
+  one commit per row and one commit per batch of rows.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+
+import zmq
+
+#: Messages the transport ceiling keeps in flight at once.
+PIPELINE_DEPTH = 1000
+
+
+def transport_round_trips_per_s(count: int = 50_000) -> float:
+    """Return ROUTER/DEALER round trips per second over tcp loopback."""
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(f"tcp://127.0.0.1:{port}")
+
+    def echo() -> None:
+        for _ in range(count):
+            router.send_multipart(router.recv_multipart())
+
+    thread = threading.Thread(target=echo, daemon=True)
+    started = time.perf_counter()
+    thread.start()
+    sent = received = 0
+    body = [b"HKB1", b"ASSIGN", b"x" * 64]
+    while received < count:
+        while sent < count and sent - received < PIPELINE_DEPTH:
+            dealer.send_multipart(body)
+            sent += 1
+        dealer.recv_multipart()
+        received += 1
+    elapsed = time.perf_counter() - started
+    thread.join(5)
+    dealer.close(0)
+    router.close(0)
+    ctx.term()
+    return count / elapsed
+
+
+def store_rows_per_s(durability: str, count: int = 20_000, batch: int = 1) -> float:
+    """Return rows per second inserted and committed `batch` rows at a time."""
+    folder = tempfile.mkdtemp(prefix="hakobu-ceiling-")
+    path = os.path.join(folder, "ceiling.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=wal")
+    db.execute(f"PRAGMA synchronous={'full' if durability == 'full' else 'normal'}")
+    db.execute("CREATE TABLE t (id TEXT PRIMARY KEY, name TEXT, payload BLOB, at REAL)")
+    rows = [(f"{i:032x}", "noop", b"\xc0", time.time()) for i in range(count)]
+    started = time.perf_counter()
+    for start in range(0, count, batch):
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO t VALUES (?, ?, ?, ?)", rows[start : start + batch])
+        db.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    db.close()
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(path + suffix)
+        except FileNotFoundError:
+            pass
+    os.rmdir(folder)
+    return count / elapsed
+
+
+def measure(durability: str) -> dict[str, float]:
+    """Measure every ceiling once."""
+    return {
+        "transport_round_trips_per_s": round(transport_round_trips_per_s(), 1),
+        "store_rows_per_s_single": round(store_rows_per_s(durability, 5_000, 1), 1),
+        "store_rows_per_s_batch100": round(
+            store_rows_per_s(durability, 50_000, 100), 1
+        ),
+    }
