@@ -228,6 +228,12 @@ class Broker:
                     (worker_id, protocol.Stop(s=msg.s, reason=problem))
                 )
                 return
+            if scheduler.session_status(worker_id, msg.s) == "replaced":
+                reason = f"worker id {worker_id} was taken over by a newer process"
+                logger.warning("worker.refused worker={} reason=replaced", worker_id)
+                stop = protocol.Stop(s=msg.s, reason=reason)
+                scheduler.effects.sends.append((worker_id, stop))
+                return
             scheduler.ready(msg, at)
             return
         status = scheduler.session_status(worker_id, msg.s)  # type: ignore[attr-defined]
