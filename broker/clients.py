@@ -25,6 +25,10 @@ from sdk import protocol
 KEY_CACHE_SIZE = 200_000
 #: Longest a single WAIT may be parked, in seconds.
 MAX_WAIT_S = 3600.0
+#: Ended tasks kept in memory for the WAIT and STATUS that usually follow.
+RECENT_ENDED = 20_000
+#: Results larger than this are read back from the store instead.
+RECENT_RESULT_BYTES = 64 * 1024
 
 Reply = tuple[bytes, protocol.Message]
 
@@ -48,6 +52,7 @@ class ClientDesk:
         self.store = store
         self.max_payload_bytes = max_payload_bytes
         self.keys: OrderedDict[str, str] = OrderedDict()
+        self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self.waiters: dict[str, list[Waiter]] = {}
         self._wait_heap: list[Waiter] = []
         self._reads: list[tuple[bytes, protocol.Message]] = []
@@ -150,9 +155,14 @@ class ClientDesk:
     ) -> None:
         """Answer reads, wake waits for ended tasks, and expire old waits."""
         for task in ended:
+            data = task.wire()
             for waiter in self.waiters.pop(task.id, []):
                 waiter.is_done = True
-                replies.append((waiter.identity, _task_reply(waiter.rid, task.wire())))
+                replies.append((waiter.identity, _task_reply(waiter.rid, data)))
+            if task.result is None or len(task.result) <= RECENT_RESULT_BYTES:
+                self.recent[task.id] = data
+        while len(self.recent) > RECENT_ENDED:
+            self.recent.popitem(last=False)
         reads, self._reads = self._reads, []
         for identity, msg in reads:
             replies.append((identity, self._read(identity, msg, now)))
@@ -164,6 +174,11 @@ class ClientDesk:
             self.waiters.get(waiter.task_id, []).remove(waiter)
             data = self._task_map(waiter.task_id)
             replies.append((waiter.identity, _task_reply(waiter.rid, data)))
+
+    @property
+    def has_reads(self) -> bool:
+        """Whether requests wait for replies built after the commit."""
+        return bool(self._reads)
 
     def next_wait_deadline(self) -> float | None:
         """Return when the earliest parked wait runs out."""
@@ -206,6 +221,9 @@ class ClientDesk:
         live = self._live_map(task_id)
         if live is not None:
             return live
+        recent = self.recent.get(task_id)
+        if recent is not None:
+            return recent
         row = self.store.task_row(task_id)
         return row_to_wire(row) if row is not None else None
 

@@ -71,10 +71,15 @@ class Scheduler:
         self._next_heartbeat_at = 0.0
         self._next_sweep_at = 0.0
 
-    def begin_turn(self, now: float, wall: float) -> Effects:
-        """Set the clock for this turn and start collecting its effects."""
+    def begin_turn(
+        self, now: float, wall: float, batch: Batch | None = None
+    ) -> Effects:
+        """Set the clock for this turn and start collecting its effects.
+
+        `batch` continues writes an earlier turn left uncommitted.
+        """
         self.now, self.wall = now, wall
-        self.effects = Effects()
+        self.effects = Effects(batch=batch if batch is not None else Batch())
         return self.effects
 
     # --- clients -------------------------------------------------------------

@@ -25,8 +25,8 @@ from loguru import logger
 
 from broker.clients import ClientDesk, Reply
 from broker.ratelimit import RateLimit
-from broker.scheduler import Scheduler, recover
-from broker.store import Store
+from broker.scheduler import Effects, Scheduler, recover
+from broker.store import Batch, Store
 from config.settings import BrokerSettings
 from sdk import protocol
 from sdk.errors import ProtocolError, StoreError, TransportError
@@ -43,6 +43,10 @@ EXIT_STORE_FAILED = 4
 EXIT_BIND_FAILED = 5
 #: Largest capacity a worker may announce.
 MAX_CAPACITY = 10_000
+#: Longest that writes no message depends on may wait for a shared commit.
+LAZY_COMMIT_S = 0.05
+#: Messages that carry no decision, so they need no commit before sending.
+_CHATTER = (protocol.Heartbeat, protocol.Welcome, protocol.Reconnect, protocol.Stop)
 
 
 def serve(settings: BrokerSettings) -> int:
@@ -73,6 +77,8 @@ class Broker:
         self.bad_frames = 0
         self._bad_frame_log = RateLimit()
         self._held_replies: list[tuple[float, Reply]] = []
+        self._carry: Batch | None = None
+        self._carry_since = 0.0
         self._recover()
 
         self.ctx = zmq.Context()
@@ -164,7 +170,7 @@ class Broker:
         """Run one turn: drain, decide, commit, send."""
         self._poll()
         now, wall = time.monotonic(), time.time()
-        effects = self.scheduler.begin_turn(now, wall)
+        effects = self.scheduler.begin_turn(now, wall, self._carry)
         replies: list[Reply] = []
 
         budget = self.settings.batch_max
@@ -173,9 +179,13 @@ class Broker:
         self.scheduler.tick(may_expire=worker_count < budget)
         self.scheduler.assign()
 
-        if self.settings.fault_commit_delay_s:
-            time.sleep(self.settings.fault_commit_delay_s)
-        self.store.commit(effects.batch)
+        if self._must_commit(effects, replies, now):
+            if self.settings.fault_commit_delay_s:
+                time.sleep(self.settings.fault_commit_delay_s)
+            self.store.commit(effects.batch)
+            self._carry = None
+        elif self._carry is None:
+            self._carry, self._carry_since = effects.batch, now
 
         self.desk.after_commit(effects.ended, now, replies)
         for task in effects.ended:
@@ -183,9 +193,22 @@ class Broker:
         self._send_workers(effects.sends)
         self._send_clients(replies, now)
 
+    def _must_commit(self, effects: Effects, replies: list[Reply], now: float) -> bool:
+        # Writes that no outgoing message depends on (ACKs, worker rows,
+        # requeues) may wait up to LAZY_COMMIT_S to share a later commit.
+        if not len(effects.batch):
+            return False
+        if replies or effects.ended or self.desk.has_reads or self.stop_signal:
+            return True
+        if any(type(msg) not in _CHATTER for _, msg in effects.sends):
+            return True
+        return self._carry is not None and now - self._carry_since >= LAZY_COMMIT_S
+
     def _poll(self) -> None:
         now = time.monotonic()
         due = self.scheduler.next_timer_at()
+        if self._carry is not None:
+            due = min(due, self._carry_since + LAZY_COMMIT_S)
         wait_deadline = self.desk.next_wait_deadline()
         if wait_deadline is not None:
             due = min(due, wait_deadline)
@@ -199,9 +222,8 @@ class Broker:
     def _drain_workers(self, budget: int) -> int:
         count = 0
         while count < budget:
-            try:
-                frames = self.workers.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            frames = protocol.recv_frames(self.workers)
+            if frames is None:
                 break
             count += 1
             try:
@@ -269,7 +291,7 @@ class Broker:
         for worker_id, msg in sends:
             frames = protocol.worker_envelope(worker_id.encode("utf-8"), msg)
             try:
-                self.workers.send_multipart(frames, zmq.NOBLOCK, copy=False)
+                protocol.send_frames(self.workers, frames)
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
                     raise
@@ -286,9 +308,8 @@ class Broker:
 
     def _drain_clients(self, budget: int, replies: list[Reply]) -> None:
         for _ in range(budget):
-            try:
-                frames = self.clients.recv_multipart(zmq.NOBLOCK, copy=True)
-            except zmq.Again:
+            frames = protocol.recv_frames(self.clients)
+            if frames is None:
                 break
             try:
                 identity, rest = protocol.split_client_envelope(frames)
@@ -313,8 +334,8 @@ class Broker:
             replies = due
         for identity, msg in replies:
             try:
-                self.clients.send_multipart(
-                    protocol.client_envelope(identity, msg), zmq.NOBLOCK, copy=False
+                protocol.send_frames(
+                    self.clients, protocol.client_envelope(identity, msg)
                 )
             except zmq.ZMQError as exc:
                 if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
@@ -337,7 +358,10 @@ class Broker:
             )
 
     def close(self) -> None:
-        """Close sockets, context and store; idempotent."""
+        """Commit what is left, close sockets, context and store; idempotent."""
+        if self._carry is not None:
+            self.store.commit(self._carry)
+            self._carry = None
         for sock in (self.workers, self.clients):
             if not sock.closed:
                 sock.close(LINGER_MS)

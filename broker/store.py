@@ -171,7 +171,15 @@ class Store:
 
     def task_row(self, task_id: str) -> dict[str, Any] | None:
         """Return one task row as a dict, or None."""
-        return self._one(Task.select().where(Task.id == task_id))
+        sql = f'SELECT * FROM "tasks" WHERE "id" = {self.db.param}'
+        try:
+            cursor = self.db.cursor().execute(sql, (task_id,))
+            row = cursor.fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"read failed: {exc}") from exc
+        if row is None:
+            return None
+        return dict(zip([c[0] for c in cursor.description], row, strict=True))
 
     def task_id_for_key(self, key: str) -> str | None:
         """Return the id of the task submitted with this idempotency key."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import msgpack
+import zmq
 
 from sdk.errors import DecodeError, PayloadTooLarge, ProtocolError, VersionMismatch
 
@@ -41,7 +42,7 @@ class Message:
 
     __slots__ = ()
     COMMAND: ClassVar[bytes] = b""
-    _CHECKS: ClassVar[dict[str, Any]] = {}
+    _CHECKS: ClassVar[tuple[Any, ...]] = ()
     _FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def body(self) -> dict[str, Any]:
@@ -336,15 +337,20 @@ def decode(frames: list[bytes], registry: dict[bytes, type[Message]]) -> Message
 def build(cls: type[Message], body: dict[str, Any], size: int = 0) -> Message:
     """Check body fields against `cls` and construct it; unknown keys are ignored."""
     values: dict[str, Any] = {}
-    for name, (check, required) in cls._CHECKS.items():
+    for name, accepted, nullable, items, required in cls._CHECKS:
         if name not in body:
             if required:
                 raise DecodeError(f"{cls.__name__} is missing field {name!r}", size)
             continue
         value = body[name]
-        if not check(value):
+        if value is None and nullable:
+            pass
+        elif not _fits(value, accepted) or (
+            items is not None and not all(_fits(v, items) for v in value)
+        ):
             raise DecodeError(
-                f"{cls.__name__}.{name} has the wrong type {type(value).__name__}", size
+                f"{cls.__name__}.{name} has the wrong type {type(value).__name__}",
+                size,
             )
         values[name] = value
     return cls(**values)
@@ -402,46 +408,79 @@ def maxmsgsize(max_payload_bytes: int) -> int:
     return max_payload_bytes + ENVELOPE_SLACK_BYTES
 
 
+# --- frame I/O without per-call flag arithmetic or exceptions ---------------
+
+_SEND_MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_RCVMORE = int(zmq.RCVMORE)
+_POLLIN = int(zmq.POLLIN)
+
+
+def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+    """Send a multipart message without blocking (raises zmq.Again when full)."""
+    for frame in frames[:-1]:
+        sock.send(frame, _SEND_MORE)
+    sock.send(frames[-1], _NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
+    """Return the next whole message, or None when nothing is waiting."""
+    if not sock.getsockopt(_EVENTS) & _POLLIN:
+        return None
+    frames = [sock.recv(_NOBLOCK)]
+    while sock.getsockopt(_RCVMORE):
+        frames.append(sock.recv(_NOBLOCK))
+    return frames
+
+
 # --- field checks, derived once from each class's annotations -----------------
 
+#: (field, accepted types, is_nullable, item types of a list or None, required)
+Check = tuple[str, tuple[type, ...], bool, tuple[type, ...] | None, bool]
 
-def _checker(hint: Any) -> Any:
+
+def _types(hint: Any) -> tuple[tuple[type, ...], bool, tuple[type, ...] | None]:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        parts = [_checker(arg) for arg in typing.get_args(hint)]
-        return lambda v: any(p(v) for p in parts)
-    if hint is type(None):
-        return lambda v: v is None
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        (inner,) = args
+        accepted, _, items = _types(inner)
+        return accepted, True, items
     if hint is Any:
-        return lambda v: True
-    if hint is bool:
-        return lambda v: isinstance(v, bool)
-    if hint is int:
-        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+        return (object,), True, None
     if hint is float:
-        return lambda v: isinstance(v, int | float) and not isinstance(v, bool)
-    if hint is str or hint is bytes:
-        return lambda v: isinstance(v, hint)
+        return (int, float), False, None
+    if hint in (bool, int, str, bytes):
+        return (hint,), False, None
     if origin is list:
         (inner,) = typing.get_args(hint)
-        item = _checker(inner)
-        return lambda v: isinstance(v, list) and all(item(x) for x in v)
+        items = (object,) if inner is Any else _types(inner)[0]
+        return (list,), False, items
     if origin is dict:
-        return lambda v: isinstance(v, dict)
+        return (dict,), False, None
     raise TypeError(f"no wire check for {hint!r}")
+
+
+def _fits(value: Any, accepted: tuple[type, ...]) -> bool:
+    # bool is an int in Python; on the wire it is only a bool.
+    if value.__class__ is bool:
+        return bool in accepted or object in accepted
+    return isinstance(value, accepted)
 
 
 def _install_checks(cls: type[Message]) -> None:
     hints = typing.get_type_hints(cls)
-    checks = {}
+    checks: list[Check] = []
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         required = (
             f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
         )
-        checks[f.name] = (_checker(hints[f.name]), required)
-    cls._CHECKS = checks
-    cls._FIELDS = tuple(checks)
+        accepted, nullable, items = _types(hints[f.name])
+        checks.append((f.name, accepted, nullable, items, required))
+    cls._CHECKS = tuple(checks)
+    cls._FIELDS = tuple(c[0] for c in checks)
 
 
 for _cls in {
