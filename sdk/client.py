@@ -1,0 +1,574 @@
+"""CLIENT: the REQ socket to the broker and the calls programs make through it.
+
+Requests follow the Lazy Pirate pattern: send, poll up to the request timeout,
+and on silence close the socket, open a fresh one and send the same request
+(same rid, same submit key) again, up to `retries` times. A socket is never
+reused after a lost reply, so it can never be left waiting (EFSM), and a late
+reply can never be taken for the answer to another request.
+
+Limits:
+    One request at a time per client: threads share it through a lock, so a
+    thread parked in `result()` holds the client for up to one wait chunk
+    (30 s). Threads that wait on results at the same time should each use
+    their own `Client`.
+    `result(id, timeout)` can overrun `timeout` by up to (retries + 1) request
+    timeouts when the broker stops answering; it then raises BrokerUnavailable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+import os
+import secrets
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Any
+
+import zmq
+from loguru import logger
+from zmq.utils.monitor import parse_monitor_message
+
+from config.errors import ConfigError
+from config.settings import (
+    ClientSettings,
+    load_client_settings,
+    replace,
+    validate_worker_id,
+)
+from sdk import protocol
+from sdk.errors import (
+    BrokerUnavailable,
+    DecodeError,
+    InvalidRequest,
+    ResultTimeout,
+    TaskFailed,
+    TransportError,
+    error_from_reply,
+)
+from sdk.records import TASK_STATES, TaskHandle, TaskInfo, WorkerInfo
+
+#: Longest single WAIT the client asks the broker to hold, in seconds.
+WAIT_CHUNK_S = 30.0
+#: Resends per request after a disconnect or a stray reply, before they count
+#: as retries.
+MAX_FREE_RESENDS = 10
+
+_LOST = object()
+
+
+class _Channel:
+    """One process's context, REQ socket and disconnect monitor for an endpoint."""
+
+    _serial = itertools.count(1)
+
+    def __init__(self, endpoint: str) -> None:
+        """Create the context; sockets open on first use."""
+        self.endpoint = endpoint
+        self.pid = os.getpid()
+        self.context = zmq.Context()
+        self.socket: zmq.Socket[bytes] | None = None
+        self.monitor: zmq.Socket[bytes] | None = None
+
+    def open(self) -> zmq.Socket[bytes]:
+        """Return the REQ socket, connecting a fresh one when there is none."""
+        if self.socket is not None:
+            return self.socket
+        sock = self.context.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        address = f"inproc://hakobu-client-{self.pid}-{id(self)}-{next(self._serial)}"
+        self.monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, address)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.socket = sock
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self.reset()
+            raise ConfigError(
+                f"invalid clients endpoint {self.endpoint!r}: {exc.strerror} "
+                "(setting clients_endpoint / HAKOBU_CLIENTS_ENDPOINT)"
+            ) from exc
+        return sock
+
+    def disconnected(self) -> bool:
+        """Drain the monitor and say whether the connection dropped meanwhile."""
+        dropped = False
+        while self.monitor is not None and self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())
+            dropped = dropped or event["event"] == zmq.EVENT_DISCONNECTED
+        return dropped
+
+    def reset(self) -> None:
+        """Close the REQ socket and its monitor without waiting for anything."""
+        if self.socket is not None:
+            self.socket.disable_monitor()
+            self.socket.close(linger=0)
+            self.socket = None
+        if self.monitor is not None:
+            self.monitor.close(linger=0)
+            self.monitor = None
+
+    def close(self) -> None:
+        """Close sockets and context; a forked child leaves its parent's alone."""
+        if os.getpid() != self.pid or self.context.closed:
+            return
+        self.reset()
+        self.context.term()
+
+
+class Client:
+    """Submit tasks to a hakobu broker and ask about them; safe across threads."""
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        request_timeout: float | None = None,
+        retries: int | None = None,
+        settings: ClientSettings | None = None,
+    ) -> None:
+        """Take settings from `settings` or the environment; explicit args win."""
+        base = settings if settings is not None else load_client_settings()
+        self.settings = replace(base, **_overrides(endpoint, request_timeout, retries))
+        self._lock = threading.Lock()
+        self._rids = itertools.count(secrets.randbelow(2**31) + 1)
+        self._channel: _Channel | None = None
+        self._closed = False
+        self._log = logger.bind(endpoint=self.endpoint)
+
+    @property
+    def endpoint(self) -> str:
+        """The broker's clients endpoint this client talks to."""
+        return self.settings.clients_endpoint
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the socket and context; later calls do nothing."""
+        with self._lock:
+            self._closed = True
+            if self._channel is not None:
+                self._channel.close()
+                self._channel = None
+
+    # --- calls ----------------------------------------------------------------
+
+    def submit(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        preferred_worker: str | None = None,
+        require_worker: bool = False,
+        fallback_after: float | None = None,
+        start_deadline: float | None = None,
+        priority: int = 0,
+        tags: Iterable[str] = (),
+        delay: float | None = None,
+        timeout: float | None = None,
+        retries: int = 0,
+        key: str | None = None,
+    ) -> TaskHandle:
+        """Submit one task; return its handle once the broker has stored it.
+
+        Raises:
+            InvalidRequest: an argument has the wrong type or range.
+            PayloadTooLarge, ProtocolError: the payload cannot be sent.
+            BrokerUnavailable: no reply after every retry.
+        """
+        options = {
+            "preferred_worker": preferred_worker,
+            "require_worker": require_worker,
+            "fallback_after": fallback_after,
+            "start_deadline": start_deadline,
+            "priority": priority,
+            "tags": tags,
+            "delay": delay,
+            "timeout": timeout,
+            "retries": retries,
+            "key": key,
+        }
+        body = _submit_body(self.settings.max_payload_bytes, name, payload, options)
+        data = self._call(lambda rid: protocol.Submit(rid=rid, **body))
+        task_id = _field(data, "id", str)
+        return TaskHandle(task_id, self, bool(data.get("created", True)))
+
+    def submit_many(
+        self, tasks: Iterable[dict[str, Any] | tuple[Any, ...]]
+    ) -> list[TaskHandle]:
+        """Submit several tasks, one request (and one commit) per size-bounded batch.
+
+        Each item is a dict of `submit` keywords plus "name" and "payload", or a
+        tuple (name, payload[, keywords]).
+        """
+        limit = self.settings.max_payload_bytes
+        bodies = [_submit_body(limit, *_spread(item)) for item in tasks]
+        handles: list[TaskHandle] = []
+        for batch in _batches(bodies, self.settings.max_payload_bytes):
+            data = self._call(functools.partial(protocol.SubmitMany, tasks=batch))
+            ids = _field(data, "ids", list)
+            created = data.get("created") or [True] * len(ids)
+            if len(ids) != len(batch) or len(created) != len(batch):
+                raise DecodeError(
+                    f"SUBMIT_MANY reply has {len(ids)} ids for {len(batch)}"
+                )
+            handles += [
+                TaskHandle(str(i), self, bool(c))
+                for i, c in zip(ids, created, strict=True)
+            ]
+        return handles
+
+    def status(self, task_id: str) -> TaskInfo:
+        """Return the task's current record; raise TaskNotFound for unknown ids."""
+        _check_id(task_id)
+        data = self._call(lambda rid: protocol.Status(rid=rid, id=task_id))
+        return _task(data)
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """Wait for the task to end and return its value.
+
+        Raises:
+            TaskFailed: the task ended failed or cancelled.
+            ResultTimeout: `timeout` seconds passed first (None waits without limit).
+        """
+        _check_id(task_id)
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+
+        def chunk() -> float:
+            if deadline is None:
+                return WAIT_CHUNK_S
+            return max(0.0, min(WAIT_CHUNK_S, deadline - time.monotonic()))
+
+        while True:
+            info = _task(self._call(lambda rid: protocol.Wait(rid, task_id, chunk())))
+            if info.is_terminal:
+                return _outcome(info)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"task {task_id} still {info.state} after waiting {timeout} s"
+                )
+
+    def cancel(self, task_id: str) -> TaskInfo:
+        """Cancel the task if it has not ended; return its record."""
+        _check_id(task_id)
+        return _task(self._call(lambda rid: protocol.Cancel(rid=rid, id=task_id)))
+
+    def workers(self) -> list[WorkerInfo]:
+        """Return every worker the broker knows, with its state and load."""
+        data = self._call(lambda rid: protocol.ListWorkers(rid=rid))
+        return [WorkerInfo.from_wire(w) for w in _field(data, "workers", list)]
+
+    def tasks(
+        self, state: str | None = None, worker: str | None = None, limit: int = 100
+    ) -> list[TaskInfo]:
+        """Return up to `limit` tasks, newest first, without their results."""
+        _check_list_args(state, worker, limit)
+        data = self._call(lambda rid: protocol.ListTasks(rid, state, worker, limit))
+        return [TaskInfo.from_wire(t) for t in _field(data, "tasks", list)]
+
+    # --- the Lazy Pirate exchange ---------------------------------------------
+
+    def _call(self, build: Callable[[int], protocol.Message]) -> dict[str, Any]:
+        """Send build(rid) until a reply comes, resending on a fresh socket.
+
+        `build` is called for each send with the same rid; it must make the same
+        request each time (a WAIT may shorten its timeout).
+        """
+        with self._lock:
+            channel = self._open_channel()
+            rid = next(self._rids)
+            attempts = self.settings.request_retries + 1
+            failures, free = 0, MAX_FREE_RESENDS
+            while True:
+                message = build(rid)
+                try:
+                    reply = self._exchange(channel, message, rid)
+                except BaseException:
+                    # NOTE: a REQ socket left between send and reply (Ctrl-C, a
+                    # bad reply) would refuse the next send with EFSM.
+                    channel.reset()
+                    raise
+                if isinstance(reply, protocol.Ok):
+                    return reply.data
+                if isinstance(reply, protocol.Error):
+                    raise error_from_reply(
+                        reply.type, reply.message, reply.size, reply.limit
+                    )
+                channel.reset()
+                command = message.COMMAND.decode()
+                if reply is _LOST and free > 0:
+                    free -= 1
+                    self._log.debug("client.resend command={} rid={}", command, rid)
+                    continue
+                failures += 1
+                if failures >= attempts:
+                    break
+                self._log.warning(
+                    "client.retry command={} rid={} attempt={}", command, rid, failures
+                )
+            wait_s = _wait_s(message, self.settings.request_timeout_s)
+            self._log.warning(
+                "client.unavailable command={} attempts={}", command, attempts
+            )
+            raise BrokerUnavailable(
+                f"no reply from the broker at {self.endpoint} within {wait_s:g} s, "
+                f"{attempts} attempt(s); is it running? (setting clients_endpoint / "
+                "HAKOBU_CLIENTS_ENDPOINT, request_timeout_s, request_retries)"
+            )
+
+    def _exchange(
+        self, channel: _Channel, message: protocol.Message, rid: int
+    ) -> object:
+        """Send once and return the reply, _LOST (resend now) or None (timed out)."""
+        sock = channel.open()
+        channel.disconnected()
+        try:
+            sock.send_multipart(message.encode(), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        deadline = time.monotonic() + _wait_s(message, self.settings.request_timeout_s)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        if channel.monitor is not None:
+            poller.register(channel.monitor, zmq.POLLIN)
+        while (remaining := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(math.ceil(remaining * 1000)))
+            if sock in ready:
+                reply = protocol.decode(sock.recv_multipart(), protocol.CLIENT_REPLIES)
+                if getattr(reply, "rid", None) == rid:
+                    return reply
+                self._log.warning(
+                    "client.stray_reply rid={} want={}",
+                    getattr(reply, "rid", None),
+                    rid,
+                )
+                return _LOST
+            if channel.monitor in ready and channel.disconnected():
+                return _LOST
+        return None
+
+    def _open_channel(self) -> _Channel:
+        """Return this process's channel, making one after a fork or on first use."""
+        if self._closed:
+            raise TransportError(f"client for {self.endpoint} is closed")
+        channel = self._channel
+        if channel is None or channel.pid != os.getpid():
+            # NOTE: a forked child must not touch sockets its parent made; it
+            # abandons them and builds its own.
+            channel = self._channel = _Channel(self.endpoint)
+            weakref.finalize(self, channel.close)
+        return channel
+
+
+def _overrides(
+    endpoint: str | None, request_timeout: float | None, retries: int | None
+) -> dict[str, Any]:
+    """Check the explicit constructor arguments and return them as settings."""
+    changes: dict[str, Any] = {}
+    for key, value, kind in (
+        ("clients_endpoint", endpoint, str),
+        ("request_timeout_s", request_timeout, int | float),
+        ("request_retries", retries, int),
+    ):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise ConfigError(f"invalid client setting {key}={value!r}: wrong type")
+        changes[key] = float(value) if key == "request_timeout_s" else value
+    return changes
+
+
+def _wait_s(message: protocol.Message, request_timeout_s: float) -> float:
+    """Return how long to wait for the reply to `message`."""
+    if isinstance(message, protocol.Wait):
+        return message.timeout + request_timeout_s
+    return request_timeout_s
+
+
+def _field(data: dict[str, Any], key: str, kind: type) -> Any:
+    """Return data[key], or raise DecodeError when it is missing or ill-typed."""
+    value = data.get(key)
+    if not isinstance(value, kind):
+        raise DecodeError(f"broker reply lacks a valid {key!r} field")
+    return value
+
+
+def _task(data: dict[str, Any]) -> TaskInfo:
+    """Build the TaskInfo in a reply's `task` field."""
+    try:
+        return TaskInfo.from_wire(_field(data, "task", dict))
+    except (KeyError, TypeError) as exc:
+        raise DecodeError(f"broker sent a malformed task record: {exc}") from exc
+
+
+def _outcome(info: TaskInfo) -> Any:
+    """Return a succeeded task's value or raise TaskFailed for the others."""
+    if info.state == "succeeded":
+        return info.result
+    error_type = info.error_type or (
+        "Cancelled" if info.state == "cancelled" else "Error"
+    )
+    raise TaskFailed(
+        info.id, error_type, info.error or "", info.traceback or "", info.state
+    )
+
+
+# --- local checks of submit arguments ---------------------------------------------
+
+#: Keywords a submit (or a submit_many item) may carry besides name and payload.
+SUBMIT_OPTIONS = tuple(
+    f.name
+    for f in dataclasses.fields(protocol.Submit)
+    if f.name not in ("rid", "name", "payload")
+)
+#: Longest submit key, in characters.
+MAX_KEY_CHARS = 200
+
+
+def _submit_body(
+    limit: int, name: Any, payload: Any, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Check one submit's arguments and return its wire body (without rid).
+
+    The payload is packed here, so an oversize or unpackable one is refused
+    before anything is sent.
+    """
+    unknown = sorted(set(options) - set(SUBMIT_OPTIONS))
+    if unknown:
+        raise InvalidRequest(f"unknown submit keyword(s): {', '.join(unknown)}")
+    _check_text("name", name, protocol.MAX_NAME_CHARS)
+    preferred = options.get("preferred_worker")
+    if preferred is not None:
+        try:
+            validate_worker_id(preferred)
+        except ConfigError as exc:
+            raise InvalidRequest(f"preferred_worker: {exc}") from exc
+    require = options.get("require_worker", False)
+    if not isinstance(require, bool):
+        raise InvalidRequest(f"require_worker must be a bool, not {require!r}")
+    if require and preferred is None:
+        raise InvalidRequest("require_worker=True needs a preferred_worker")
+    key = options.get("key")
+    if key is None:
+        key = uuid.uuid4().hex
+    _check_text("key", key, MAX_KEY_CHARS)
+
+    return {
+        "name": name,
+        "payload": protocol.pack_value(payload, limit),
+        "key": key,
+        "preferred_worker": preferred,
+        "require_worker": require,
+        "fallback_after": _seconds("fallback_after", options.get("fallback_after")),
+        "start_deadline": _seconds("start_deadline", options.get("start_deadline")),
+        "priority": _integer("priority", options.get("priority", 0), low=-(2**31)),
+        "tags": _tags(options.get("tags", ())),
+        "delay": _seconds("delay", options.get("delay")),
+        "timeout": _seconds("timeout", options.get("timeout"), positive=True),
+        "retries": _integer("retries", options.get("retries", 0), low=0),
+    }
+
+
+def _spread(item: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Split a submit_many item into (name, payload, keywords)."""
+    if isinstance(item, dict):
+        options = dict(item)
+        if "name" not in options:
+            raise InvalidRequest(f"submit_many item without a name: {sorted(item)}")
+        return options.pop("name"), options.pop("payload", None), options
+    if isinstance(item, tuple | list) and 1 <= len(item) <= 3:
+        name, payload, options = (*item, None, None)[:3]
+        if options is not None and not isinstance(options, dict):
+            raise InvalidRequest("a submit_many tuple is (name, payload[, keywords])")
+        return name, payload, dict(options or {})
+    raise InvalidRequest(
+        f"submit_many items are dicts or tuples, not {type(item).__name__}"
+    )
+
+
+def _batches(bodies: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
+    """Group bodies into SUBMIT_MANY requests that fit the broker's frame limit."""
+    room = protocol.maxmsgsize(limit) - 1024
+    groups: list[list[dict[str, Any]]] = []
+    size = room
+    for body in bodies:
+        # Every field but the payload is small; 512 bytes bounds them generously.
+        cost = len(body["payload"]) + 512
+        if size + cost > room:
+            groups.append([])
+            size = 0
+        groups[-1].append(body)
+        size += cost
+    return groups
+
+
+def _check_text(what: str, value: Any, longest: int) -> None:
+    """Refuse anything but a non-empty str of at most `longest` characters."""
+    if not isinstance(value, str) or not value:
+        raise InvalidRequest(f"{what} must be a non-empty str, not {value!r:.80}")
+    if len(value) > longest:
+        raise InvalidRequest(f"{what} is {len(value)} characters, at most {longest}")
+
+
+def _seconds(what: str, value: Any, positive: bool = False) -> float | None:
+    """Return a duration in seconds, or None; refuse negatives and non-numbers."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{what} must be seconds (a number), not {value!r:.80}")
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        bound = "above 0" if positive else "0 or more"
+        raise InvalidRequest(f"{what} must be a finite number of seconds {bound}")
+    return float(value)
+
+
+def _integer(what: str, value: Any, low: int) -> int:
+    """Return an int between `low` and 2**31 - 1, or refuse it."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{what} must be an int, not {value!r:.80}")
+    if not low <= value < 2**31:
+        raise InvalidRequest(f"{what}={value} is out of range ({low} to {2**31 - 1})")
+    return value
+
+
+def _tags(value: Any) -> list[str]:
+    """Return tags as a list of non-empty str, or refuse them."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidRequest(f"tags must be a list of str, not {value!r:.80}")
+    tags = list(value)
+    if len(tags) > protocol.MAX_TAGS:
+        raise InvalidRequest(f"{len(tags)} tags, at most {protocol.MAX_TAGS}")
+    for tag in tags:
+        _check_text("a tag", tag, protocol.MAX_NAME_CHARS)
+    return tags
+
+
+def _check_id(task_id: Any) -> None:
+    """Refuse a task id that is not a non-empty str."""
+    _check_text("task id", task_id, MAX_KEY_CHARS)
+
+
+def _check_list_args(state: Any, worker: Any, limit: Any) -> None:
+    """Check the filters of Client.tasks."""
+    if state is not None and state not in TASK_STATES:
+        raise InvalidRequest(
+            f"unknown state {state!r}; one of {', '.join(TASK_STATES)}"
+        )
+    if worker is not None:
+        _check_text("worker", worker, 1024)
+    _integer("limit", limit, low=1)

@@ -1,0 +1,203 @@
+"""The `hakobu` client commands against a real broker and worker, and `hakobu up`
+with and without its demo, as real processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers.cluster import Cluster
+from helpers.waiting import free_port, wait_until
+
+from sdk import Client
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+
+def cli_env() -> dict[str, str]:
+    """Return this environment without HAKOBU_*, with the project importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HAKOBU_")}
+    env["PYTHONPATH"] = str(PROJECT_DIR)
+    return env
+
+
+def hakobu(
+    *args: str, cwd: Path, timeout_s: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m broker.cli ARGS` and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+    )
+
+
+@pytest.mark.timeout(90)
+def test_client_commands_against_a_real_broker(cluster: Cluster, tmp_path: Path):
+    # Given a broker and one worker
+    cluster.start_broker()
+    cluster.start_worker("w1", capacity=2)
+    cluster.wait_workers("w1")
+    at = ("--endpoint", cluster.clients_endpoint)
+
+    # When tasks are submitted, waited for, listed and looked at
+    echo = hakobu(
+        "submit", "echo", "--payload", '{"a": [1, 2]}', "--wait", *at, cwd=tmp_path
+    )
+    failed = hakobu(
+        "submit", "fail", "--payload", '"boom"', "--wait", "--json", *at, cwd=tmp_path
+    )
+    queued = hakobu(
+        "submit",
+        "sleep",
+        "--payload",
+        "30",
+        "--prefer",
+        "w1",
+        "--require",
+        "--json",
+        *at,
+        cwd=tmp_path,
+    )
+    task_id = json.loads(queued.stdout)["id"]
+    status = hakobu("status", task_id, "--json", *at, cwd=tmp_path)
+    cancel = hakobu("cancel", task_id, *at, cwd=tmp_path)
+    result = hakobu("result", task_id, "--timeout", "10", *at, cwd=tmp_path)
+    listed = hakobu("tasks", "--json", "--limit", "10", *at, cwd=tmp_path)
+    workers = hakobu("workers", *at, cwd=tmp_path)
+    missing = hakobu("status", "no-such-task", *at, cwd=tmp_path)
+
+    # Then each prints what it says and exits with the documented code
+    assert (echo.returncode, json.loads(echo.stdout)) == (0, {"a": [1, 2]})
+    report = json.loads(failed.stdout)
+    assert failed.returncode == 1 and report["state"] == "failed"
+    assert (report["error_type"], report["error"]) == ("RuntimeError", "boom")
+    assert json.loads(status.stdout)["preferred_worker"] == "w1"
+    assert cancel.returncode == 0 and cancel.stdout.split() == [task_id, "cancelled"]
+    assert result.returncode == 1 and "cancelled" in result.stderr
+    assert task_id in {t["id"] for t in json.loads(listed.stdout)}
+    assert workers.returncode == 0 and re.search(
+        r"^w1\s+online\s+2", workers.stdout, re.M
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("error: ")
+
+
+@pytest.mark.timeout(90)
+def test_submit_from_file_uses_one_batch(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.start_broker()
+    cluster.start_worker("w1", capacity=2)
+    cluster.wait_workers("w1")
+    lines = [
+        json.dumps({"name": "echo", "payload": i, "key": f"f-{i}", "priority": i})
+        for i in range(5)
+    ]
+    (tmp_path / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+
+    done = hakobu(
+        "submit",
+        "--from-file",
+        "tasks.jsonl",
+        "--wait",
+        "--json",
+        "--endpoint",
+        cluster.clients_endpoint,
+        cwd=tmp_path,
+    )
+
+    assert done.returncode == 0, done.stderr
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["result"] for r in results] == list(range(5))
+
+
+@pytest.mark.timeout(120)
+def test_up_demo_checksums_files_and_honours_preferences(tmp_path: Path) -> None:
+    # Given a folder with files, a .git folder and a __pycache__ folder
+    tree = tmp_path / "tree"
+    for rel in ("a.txt", "b/c.bin", "b/d.txt", "e.txt", "f.txt", "g.txt"):
+        (tree / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tree / rel).write_bytes(os.urandom(1000) + rel.encode())
+    for skipped in (".git/HEAD", "__pycache__/x.pyc"):
+        (tree / skipped).parent.mkdir(exist_ok=True)
+        (tree / skipped).write_text("skip me")
+
+    # When `hakobu up --workers 2 --demo` runs over it
+    done = hakobu(
+        *_up_args(tmp_path, 2), "--demo", str(tree), cwd=tmp_path, timeout_s=100
+    )
+
+    # Then every file ran, pins and preferences held, nothing was lost
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted 6, succeeded 6, failed 0, lost 0" in done.stdout
+    assert "preferences honoured 4/4" in done.stdout
+    assert "checksums verified 6/6" in done.stdout
+    assert "notifications processed 6/6" in done.stdout
+    assert "HEAD" not in done.stdout and "x.pyc" not in done.stdout
+    assert re.search(
+        r"^b/c\.bin\s+local_002\s+\w{12}\s+requires local_002", done.stdout, re.M
+    )
+
+
+@pytest.mark.timeout(120)
+def test_up_serves_until_sigterm_then_stops_its_children(tmp_path: Path) -> None:
+    # Given `hakobu up --workers 2` serving
+    args, clients = _up_args(tmp_path, 2), None
+    clients = args[args.index("--clients-endpoint") + 1]
+    up = subprocess.Popen(
+        [sys.executable, "-m", "broker.cli", *args],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        with Client(clients, request_timeout=1.0, retries=0) as client:
+            wait_until(lambda: len(client.workers()) == 2, 30)
+            assert client.submit("echo", "hi").result(timeout=10) == "hi"
+        children = [c.pid for c in psutil.Process(up.pid).children()]
+
+        # When it gets SIGTERM
+        up.send_signal(signal.SIGTERM)
+        output, _ = up.communicate(timeout=40)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait(10)
+
+    # Then it stopped broker and workers and exited 0
+    assert up.returncode == 0, output
+    assert len(children) == 3
+    assert not [
+        pid
+        for pid in children
+        if psutil.pid_exists(pid)
+        and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert "local_001" in output and "local_002" in output
+
+
+def _up_args(tmp_path: Path, workers: int) -> list[str]:
+    return [
+        "up",
+        "--workers",
+        str(workers),
+        "--db",
+        str(tmp_path / "up.db"),
+        "--workers-endpoint",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--clients-endpoint",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--log-dir",
+        str(tmp_path / "logs"),
+    ]
