@@ -10,7 +10,7 @@ Commands:
     cancel    cancel a task
     tasks     list tasks, newest first
     workers   list workers
-    bench     the delivery-rate harness (not built yet)
+    bench     the delivery-rate harness: throughput, latency, ceilings
 
 Exit codes: 0 done, 1 failed (task failed, broker unreachable, timeout),
 2 bad usage or settings.
@@ -23,6 +23,7 @@ from typing import Annotated
 
 import typer
 
+from broker.cli_bench import bench_command
 from broker.cli_client import register, reporting
 from config.logging import setup_logging
 from config.settings import load_broker_settings, load_worker_settings
@@ -266,11 +267,7 @@ def up(
 register(app)
 
 
-@app.command()
-def bench() -> None:
-    """Measure delivery rate, throughput and latency (not built yet)."""
-    typer.echo("bench: not built yet", err=True)
-    raise typer.Exit(1)
+app.command(name="bench")(bench_command)
 
 
 if __name__ == "__main__":

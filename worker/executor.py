@@ -19,6 +19,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -66,6 +67,23 @@ class Executor:
         for slot in self._slots:
             if slot.process is None:
                 self._spawn(slot)
+
+    def wait_ready(
+        self, timeout_s: float, give_up: Callable[[], bool] = lambda: False
+    ) -> bool:
+        """Block until every child has said hello; False on timeout or give_up()."""
+        end = time.monotonic() + timeout_s
+        while not all(slot.is_ready for slot in self._slots):
+            left = end - time.monotonic()
+            if left <= 0 or give_up():
+                return False
+            conns = [
+                s.conn for s in self._slots if s.conn is not None and not s.is_ready
+            ]
+            if conns:
+                wait(conns, timeout=min(left, 0.1))
+            self.collect(time.monotonic())
+        return True
 
     def shutdown(self, timeout_s: float = 1.0) -> None:
         """Stop every child: idle ones get EOF, busy or slow ones are killed."""

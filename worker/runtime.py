@@ -45,6 +45,8 @@ EXIT_STOPPED = 3
 BUSY_POLL_S = 0.25
 #: Failed loop turns in a row after which the error is raised, not logged.
 MAX_FAILED_TURNS = 50
+#: Longest the worker waits for its handler processes before registering.
+CHILD_START_WAIT_S = 30.0
 
 
 class Worker:
@@ -130,6 +132,13 @@ class Worker:
         try:
             # Children first: they are spawned before any ZeroMQ context exists.
             self._executor.launch()
+            # Announce capacity only once the children can take work, so the
+            # first ASSIGNs are not held behind interpreter start-up.
+            ready = self._executor.wait_ready(
+                CHILD_START_WAIT_S, give_up=lambda: self._stop_requested
+            )
+            if not ready:
+                self._log.warning("worker.children_slow wait_s={}", CHILD_START_WAIT_S)
             context = zmq.Context()
             self._log.info(
                 "worker.started version={} endpoint={} capacity={} tags={} "

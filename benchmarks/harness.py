@@ -1,0 +1,320 @@
+"""The delivery-rate harness: a real broker and workers on loopback, M no-op
+tasks from K client processes, and the figures that say how it went.
+
+Latencies come from two clocks: submit -> assign and burst submit -> result
+are read from the broker's own rows (`created_at`, the ASSIGN notification's
+`created_at`, `finished_at`); serial submit -> result is timed by the client
+around each `submit` + `result` pair.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks import ceilings
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to run."""
+
+    tasks: int = 10_000
+    workers: int = 2
+    clients: int = 1
+    mode: str = "burst"
+    batch: int = 1
+    durability: str = "normal"
+    capacity: int = 4
+    with_ceilings: bool = True
+
+
+def run(config: BenchConfig, progress: Callable[[int, int, float], None]) -> dict:
+    """Run one benchmark and return its figures."""
+    folder = Path(tempfile.mkdtemp(prefix="hakobu-bench-"))
+    cluster = _Cluster(folder, config)
+    try:
+        cluster.start()
+        broker = psutil.Process(cluster.broker.pid)
+        cpu_before = sum(broker.cpu_times()[:2])
+        rss_before = broker.memory_info().rss
+        started = time.perf_counter()
+        results = _drive_clients(cluster.clients_endpoint, config, cluster.db, progress)
+        elapsed = time.perf_counter() - started
+        cpu_used = sum(broker.cpu_times()[:2]) - cpu_before
+        rss_after = broker.memory_info().rss
+    finally:
+        cluster.stop()
+    rows = _read_rows(cluster.db)
+    shutil.rmtree(folder, ignore_errors=True)
+
+    accepted = sum(len(r["ids"]) for r in results)
+    terminal = sum(1 for r in rows.values() if r["state"] in _TERMINAL)
+    succeeded = sum(1 for r in rows.values() if r["state"] == "succeeded")
+    assign_ms = [
+        (r["assigned_at"] - r["created_at"]) * 1000
+        for r in rows.values()
+        if r["assigned_at"] is not None
+    ]
+    if config.mode == "serial":
+        result_ms = [ms for r in results for ms in r["latencies_ms"]]
+    else:
+        result_ms = [
+            (r["finished_at"] - r["created_at"]) * 1000
+            for r in rows.values()
+            if r["finished_at"] is not None
+        ]
+    figures: dict[str, Any] = {
+        "config": asdict(config),
+        "accepted": accepted,
+        "terminal": terminal,
+        "succeeded": succeeded,
+        "delivery_rate": terminal / accepted if accepted else 0.0,
+        "elapsed_s": round(elapsed, 3),
+        "tasks_per_s": round(accepted / elapsed, 1) if elapsed else 0.0,
+        "submit_to_assign_ms": _percentiles(assign_ms),
+        "submit_to_result_ms": _percentiles(result_ms),
+        "broker_cpu_ms_per_task": round(cpu_used * 1000 / max(accepted, 1), 4),
+        "broker_rss_mb": round(rss_after / 2**20, 1),
+        "broker_rss_growth_mb": round((rss_after - rss_before) / 2**20, 1),
+        "timeline": _timeline(rows),
+        "latency_histogram_ms": _histogram(result_ms),
+    }
+    if config.with_ceilings:
+        found = ceilings.measure(config.durability)
+        figures["ceilings"] = {
+            **found,
+            "ratio_to_transport": round(
+                figures["tasks_per_s"] / found["transport_round_trips_per_s"], 4
+            ),
+            "ratio_to_store_single": round(
+                figures["tasks_per_s"] / found["store_rows_per_s_single"], 4
+            ),
+            "ratio_to_store_batch100": round(
+                figures["tasks_per_s"] / found["store_rows_per_s_batch100"], 4
+            ),
+        }
+    return figures
+
+
+_TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class _Cluster:
+    """A broker and workers in child processes, on free loopback ports."""
+
+    def __init__(self, folder: Path, config: BenchConfig) -> None:
+        self.folder = folder
+        self.config = config
+        self.db = folder / "bench.db"
+        self.workers_endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.clients_endpoint = f"tcp://127.0.0.1:{_free_port()}"
+        self.broker: subprocess.Popen[bytes] | None = None
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        from sdk import Client
+
+        self.broker = self._spawn(
+            "broker",
+            "broker",
+            "--workers-endpoint",
+            self.workers_endpoint,
+            "--clients-endpoint",
+            self.clients_endpoint,
+            "--db",
+            str(self.db),
+            "--durability",
+            self.config.durability,
+            "--log-level",
+            "WARNING",
+        )
+        for index in range(1, self.config.workers + 1):
+            self._spawn(
+                f"worker-{index}",
+                "worker",
+                "--id",
+                f"bench_{index:03d}",
+                "--broker",
+                self.workers_endpoint,
+                "--capacity",
+                str(self.config.capacity),
+                "--log-level",
+                "WARNING",
+            )
+        deadline = time.monotonic() + 60
+        with Client(self.clients_endpoint, request_timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                online = [w for w in client.workers() if w.state == "online"]
+                if len(online) >= self.config.workers:
+                    return
+                time.sleep(0.05)
+        raise RuntimeError("workers did not register within 60 s")
+
+    def _spawn(self, log: str, *args: str) -> subprocess.Popen[bytes]:
+        out = open(self.folder / f"{log}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "broker.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        out.close()
+        self.children.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.children):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.children:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+def _drive_clients(
+    endpoint: str,
+    config: BenchConfig,
+    db: Path,
+    progress: Callable[[int, int, float], None],
+) -> list[dict[str, Any]]:
+    share = [config.tasks // config.clients] * config.clients
+    share[0] += config.tasks - sum(share)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(config.clients) as pool:
+        pending = pool.starmap_async(
+            _client_job,
+            [(endpoint, n, config.mode, config.batch) for n in share],
+        )
+        started = time.perf_counter()
+        while not pending.ready():
+            pending.wait(0.5)
+            progress(_count_terminal(db), config.tasks, time.perf_counter() - started)
+        results = pending.get()
+    progress(_count_terminal(db), config.tasks, time.perf_counter() - started)
+    return results
+
+
+def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, Any]:
+    from sdk import Client
+
+    ids: list[str] = []
+    latencies: list[float] = []
+    with Client(endpoint, request_timeout=30.0) as client:
+        if mode == "serial":
+            for _ in range(count):
+                started = time.perf_counter()
+                handle = client.submit("echo", None)
+                handle.result(timeout=60)
+                latencies.append((time.perf_counter() - started) * 1000)
+                ids.append(handle.id)
+            return {"ids": ids, "latencies_ms": latencies}
+        handles = []
+        if batch > 1:
+            for start in range(0, count, batch):
+                size = min(batch, count - start)
+                handles += client.submit_many([{"name": "echo"}] * size)
+        else:
+            handles = [client.submit("echo", None) for _ in range(count)]
+        for handle in handles:
+            handle.result(timeout=300)
+            ids.append(handle.id)
+    return {"ids": ids, "latencies_ms": latencies}
+
+
+def _count_terminal(db: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM tasks WHERE state IN (?, ?, ?)", _TERMINAL
+            ).fetchone()
+        return int(row[0])
+    except sqlite3.Error:
+        return 0
+
+
+def _read_rows(db: Path) -> dict[str, dict[str, Any]]:
+    with sqlite3.connect(db) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = {
+            r["id"]: {**dict(r), "assigned_at": None}
+            for r in conn.execute(
+                "SELECT id, state, created_at, finished_at FROM tasks"
+            )
+        }
+        for note in conn.execute(
+            "SELECT task_id, min(created_at) AS at FROM worker_notifications "
+            "WHERE notification_type = 'task_assigned' GROUP BY task_id"
+        ):
+            if note["task_id"] in rows:
+                rows[note["task_id"]]["assigned_at"] = note["at"]
+    return rows
+
+
+def _percentiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    ordered = sorted(values)
+    if len(ordered) == 1:
+        only = round(ordered[0], 3)
+        return {"p50": only, "p90": only, "p99": only, "max": only}
+    cuts = statistics.quantiles(ordered, n=100, method="inclusive")
+    return {
+        "p50": round(cuts[49], 3),
+        "p90": round(cuts[89], 3),
+        "p99": round(cuts[98], 3),
+        "max": round(ordered[-1], 3),
+    }
+
+
+def _timeline(rows: dict[str, dict[str, Any]]) -> list[list[float]]:
+    """Return [second, tasks finished in it] pairs from the first finish on."""
+    finished = sorted(r["finished_at"] for r in rows.values() if r["finished_at"])
+    if not finished:
+        return []
+    first = finished[0]
+    buckets: dict[int, int] = {}
+    for at in finished:
+        second = int(at - first)
+        buckets[second] = buckets.get(second, 0) + 1
+    return [[float(s), float(n)] for s, n in sorted(buckets.items())]
+
+
+def _histogram(values: list[float]) -> list[list[float]]:
+    """Return [upper edge ms, count] pairs on doubling edges from 0.125 ms."""
+    edges = [0.125 * 2**i for i in range(18)]
+    counts = [0] * len(edges)
+    for value in values:
+        for index, edge in enumerate(edges):
+            if value < edge or index == len(edges) - 1:
+                counts[index] += 1
+                break
+    return [[edge, float(n)] for edge, n in zip(edges, counts, strict=True) if n]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def default_processes() -> int:
+    """Return how many cores this machine has, for the report."""
+    return os.cpu_count() or 1
