@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from benchmarks import ceilings
 
@@ -43,13 +43,14 @@ class BenchConfig:
     with_ceilings: bool = True
 
 
-def run(config: BenchConfig, progress: Callable[[int, int, float], None]) -> dict:
+def run(
+    config: BenchConfig, progress: Callable[[int, int, float], None]
+) -> dict[str, Any]:
     """Run one benchmark and return its figures."""
     folder = Path(tempfile.mkdtemp(prefix="hakobu-bench-"))
     cluster = _Cluster(folder, config)
     try:
-        cluster.start()
-        broker = psutil.Process(cluster.broker.pid)
+        broker = psutil.Process(cluster.start())
         cpu_before = sum(broker.cpu_times()[:2])
         rss_before = broker.memory_info().rss
         started = time.perf_counter()
@@ -126,7 +127,8 @@ class _Cluster:
         self.broker: subprocess.Popen[bytes] | None = None
         self.children: list[subprocess.Popen[bytes]] = []
 
-    def start(self) -> None:
+    def start(self) -> int:
+        """Start everything, wait for the workers; return the broker's pid."""
         from sdk import Client
 
         self.broker = self._spawn(
@@ -161,7 +163,7 @@ class _Cluster:
             while time.monotonic() < deadline:
                 online = [w for w in client.workers() if w.state == "online"]
                 if len(online) >= self.config.workers:
-                    return
+                    return self.broker.pid
                 time.sleep(0.05)
         raise RuntimeError("workers did not register within 60 s")
 

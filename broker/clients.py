@@ -11,7 +11,7 @@ import heapq
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 
@@ -20,6 +20,7 @@ from broker.state import TaskState, row_to_wire
 from broker.store import Store
 from broker.validation import check_submit
 from sdk import protocol
+from sdk.errors import DecodeError
 
 #: Idempotency keys remembered in memory (older ones are looked up on disk).
 KEY_CACHE_SIZE = 200_000
@@ -89,13 +90,13 @@ class ClientDesk:
         requests = []
         for index, body in enumerate(msg.tasks):
             try:
-                request = protocol.build(protocol.Submit, {**body, "rid": msg.rid})
-            except protocol.DecodeError as exc:
+                built = protocol.build(protocol.Submit, {**body, "rid": msg.rid})
+            except DecodeError as exc:
                 return _error(msg.rid, "InvalidRequest", f"task {index}: {exc}")
+            request = cast(protocol.Submit, built)
             error = self._check(request)
             if error is not None:
-                text = f"task {index}: {error.message}"  # type: ignore[attr-defined]
-                return _error(msg.rid, error.type, text)  # type: ignore[attr-defined]
+                return _error(msg.rid, error.type, f"task {index}: {error.message}")
             requests.append(request)
         ids, created = [], []
         for request in requests:
@@ -108,7 +109,7 @@ class ClientDesk:
             ids.append(task_id)
         return protocol.Ok(rid=msg.rid, data={"ids": ids, "created": created})
 
-    def _check(self, msg: protocol.Submit) -> protocol.Message | None:
+    def _check(self, msg: protocol.Submit) -> protocol.Error | None:
         if len(msg.payload) > self.max_payload_bytes:
             logger.warning(
                 "task.refused reason=payload_too_large bytes={}", len(msg.payload)
@@ -172,8 +173,8 @@ class ClientDesk:
             if waiter.is_done:
                 continue
             self.waiters.get(waiter.task_id, []).remove(waiter)
-            data = self._task_map(waiter.task_id)
-            replies.append((waiter.identity, _task_reply(waiter.rid, data)))
+            current = self._task_map(waiter.task_id)
+            replies.append((waiter.identity, _task_reply(waiter.rid, current)))
 
     @property
     def has_reads(self) -> bool:

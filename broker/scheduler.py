@@ -15,7 +15,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from loguru import logger
 
@@ -800,7 +800,9 @@ class Scheduler:
         )
 
     @staticmethod
-    def _is_current(task: TaskState | None, attempt: int, worker: WorkerState) -> bool:
+    def _is_current(
+        task: TaskState | None, attempt: int, worker: WorkerState
+    ) -> TypeGuard[TaskState]:
         return (
             task is not None
             and task.state in ("assigned", "running")

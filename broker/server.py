@@ -19,6 +19,7 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import cast
 
 import zmq
 from loguru import logger
@@ -29,7 +30,7 @@ from broker.scheduler import Effects, Scheduler, recover
 from broker.store import Batch, Store
 from config.settings import BrokerSettings
 from sdk import protocol
-from sdk.errors import ProtocolError, StoreError, TransportError
+from sdk.errors import DecodeError, ProtocolError, StoreError, TransportError
 
 #: Longest poll wait, in seconds, so signals and timers are seen promptly.
 MAX_POLL_S = 0.1
@@ -93,7 +94,7 @@ class Broker:
         self.poller.register(self.workers, zmq.POLLIN)
         self.poller.register(self.clients, zmq.POLLIN)
 
-    def _router(self, endpoint: str, handover: bool) -> zmq.Socket:
+    def _router(self, endpoint: str, handover: bool) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, LINGER_MS)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -234,42 +235,34 @@ class Broker:
 
     def _on_worker(self, frames: list[bytes], at: float) -> None:
         identity = frames[0]
-        msg = protocol.decode(frames[1:], protocol.WORKER_MESSAGES)
+        decoded = protocol.decode(frames[1:], protocol.WORKER_MESSAGES)
+        msg = cast(protocol.WorkerMessage, decoded)
         try:
             worker_id = identity.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise protocol.DecodeError("worker id is not UTF-8") from exc
+            raise DecodeError("worker id is not UTF-8") from exc
         scheduler = self.scheduler
-        if isinstance(msg, protocol.Ready):
-            problem = _check_ready(msg, worker_id)
-            if problem is not None:
-                logger.warning(
-                    "worker.refused worker={!r} reason={!r}", worker_id, problem
-                )
-                scheduler.effects.sends.append(
-                    (worker_id, protocol.Stop(s=msg.s, reason=problem))
-                )
-                return
-            if scheduler.session_status(worker_id, msg.s) == "replaced":
-                reason = f"worker id {worker_id} was taken over by a newer process"
-                logger.warning("worker.refused worker={} reason=replaced", worker_id)
-                stop = protocol.Stop(s=msg.s, reason=reason)
-                scheduler.effects.sends.append((worker_id, stop))
-                return
-            scheduler.ready(msg, at)
-            return
-        status = scheduler.session_status(worker_id, msg.s)  # type: ignore[attr-defined]
+        session = msg.s
+        status = scheduler.session_status(worker_id, session)
         if status == "replaced":
             reason = f"worker id {worker_id} was taken over by a newer process"
-            stop = protocol.Stop(s=msg.s, reason=reason)  # type: ignore[attr-defined]
+            logger.warning("worker.refused worker={} reason=replaced", worker_id)
+            stop = protocol.Stop(s=session, reason=reason)
+            scheduler.effects.sends.append((worker_id, stop))
+            return
+        if isinstance(msg, protocol.Ready):
+            problem = _check_ready(msg, worker_id)
+            if problem is None:
+                scheduler.ready(msg, at)
+                return
+            logger.warning("worker.refused worker={!r} reason={!r}", worker_id, problem)
+            stop = protocol.Stop(s=session, reason=problem)
             scheduler.effects.sends.append((worker_id, stop))
             return
         if status == "unknown":
             if not isinstance(msg, protocol.Bye):
                 scheduler.ask_ready(worker_id)
-                again = protocol.Reconnect(
-                    s=msg.s, reason="unknown session; send READY"
-                )  # type: ignore[attr-defined]
+                again = protocol.Reconnect(s=session, reason="unknown session")
                 scheduler.effects.sends.append((worker_id, again))
             return
         scheduler.heard(worker_id, at)

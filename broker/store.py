@@ -84,6 +84,9 @@ class Store:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
 
+    def _cursor(self) -> Any:
+        return self.db.cursor()  # type: ignore[no-untyped-call]
+
     def close(self) -> None:
         """Close the connection; idempotent."""
         if not self.db.is_closed():
@@ -96,7 +99,7 @@ class Store:
         if not len(batch):
             return
         for attempt in range(1, COMMIT_TRIES + 1):
-            cursor = self.db.cursor()
+            cursor = self._cursor()
             try:
                 cursor.execute("BEGIN")
                 try:
@@ -173,7 +176,7 @@ class Store:
         """Return one task row as a dict, or None."""
         sql = f'SELECT * FROM "tasks" WHERE "id" = {self.db.param}'
         try:
-            cursor = self.db.cursor().execute(sql, (task_id,))
+            cursor = self._cursor().execute(sql, (task_id,))
             row = cursor.fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
@@ -185,7 +188,7 @@ class Store:
         """Return the id of the task submitted with this idempotency key."""
         sql = f'SELECT "id" FROM "tasks" WHERE "key" = {self.db.param}'
         try:
-            row = self.db.cursor().execute(sql, (key,)).fetchone()
+            row = self._cursor().execute(sql, (key,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
         return row[0] if row else None
@@ -236,11 +239,11 @@ class Store:
             raise StoreError(f"read failed: {exc}") from exc
         return int(value or 0)
 
-    def _one(self, query: peewee.ModelSelect) -> dict[str, Any] | None:
+    def _one(self, query: Any) -> dict[str, Any] | None:
         rows = self._all(query.limit(1))
         return rows[0] if rows else None
 
-    def _all(self, query: peewee.ModelSelect) -> list[dict[str, Any]]:
+    def _all(self, query: Any) -> list[dict[str, Any]]:
         try:
             return list(query.dicts())
         except (peewee.PeeweeException, sqlite3.Error) as exc:

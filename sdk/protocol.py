@@ -18,9 +18,9 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
-import msgpack
+import msgpack  # type: ignore[import-untyped]
 import zmq
 
 from sdk.errors import DecodeError, PayloadTooLarge, ProtocolError, VersionMismatch
@@ -290,6 +290,9 @@ class Stop(Message):
     reason: str = ""
 
 
+#: Any message a worker sends; each carries its session in `s`.
+WorkerMessage = Ready | Heartbeat | Ack | Result | Drain | Release | Bye
+
 CLIENT_REQUESTS: dict[bytes, type[Message]] = {
     m.COMMAND: m
     for m in (Submit, SubmitMany, Status, Wait, Cancel, ListWorkers, ListTasks)
@@ -380,7 +383,7 @@ def pack_value(value: Any, limit: int, what: str = "payload") -> bytes:
     bytes, float or bool. Lone surrogates and other unpackable values raise.
     """
     try:
-        packed = msgpack.packb(value, use_bin_type=True, strict_types=False)
+        packed: bytes = msgpack.packb(value, use_bin_type=True, strict_types=False)
     except UnicodeEncodeError as exc:
         raise ProtocolError(
             f"{what} holds a string that is not valid Unicode "
@@ -417,16 +420,16 @@ _RCVMORE = int(zmq.RCVMORE)
 _POLLIN = int(zmq.POLLIN)
 
 
-def send_frames(sock: zmq.Socket, frames: list[bytes]) -> None:
+def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
     """Send a multipart message without blocking (raises zmq.Again when full)."""
     for frame in frames[:-1]:
         sock.send(frame, _SEND_MORE)
     sock.send(frames[-1], _NOBLOCK)
 
 
-def recv_frames(sock: zmq.Socket) -> list[bytes] | None:
+def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
     """Return the next whole message, or None when nothing is waiting."""
-    if not sock.getsockopt(_EVENTS) & _POLLIN:
+    if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
         return None
     frames = [sock.recv(_NOBLOCK)]
     while sock.getsockopt(_RCVMORE):
