@@ -185,7 +185,7 @@ class Broker:
                 time.sleep(self.settings.fault_commit_delay_s)
             self.store.commit(effects.batch)
             self._carry = None
-        elif self._carry is None:
+        elif self._carry is None and len(effects.batch):
             self._carry, self._carry_since = effects.batch, now
 
         self.desk.after_commit(effects.ended, now, replies)

@@ -1,0 +1,1 @@
+"""Test helpers: waiting, free ports, the execution ledger and the process cluster."""
