@@ -78,6 +78,10 @@ class Broker:
         self.bad_frames = 0
         self._bad_frame_log = RateLimit()
         self._held_replies: list[tuple[float, Reply]] = []
+        self._delayed_identities: set[bytes] = set()
+        self._delays_left = (
+            settings.fault_delayed_submits if settings.fault_reply_delay_s else 0
+        )
         self._carry: Batch | None = None
         self._carry_since = 0.0
         self._recover()
@@ -316,15 +320,14 @@ class Broker:
                 error = protocol.Error(rid=0, type=type(exc).__name__, message=str(exc))
                 replies.append((identity, error))
                 continue
+            if isinstance(msg, protocol.Submit) and self._delays_left:
+                self._delays_left -= 1
+                self._delayed_identities.add(identity)
             self.desk.handle(identity, msg, replies)
 
     def _send_clients(self, replies: list[Reply], now: float) -> None:
-        delay = self.settings.fault_reply_delay_s
-        if delay:
-            self._held_replies.extend((now + delay, r) for r in replies)
-            due = [r for at, r in self._held_replies if at <= now]
-            self._held_replies = [(at, r) for at, r in self._held_replies if at > now]
-            replies = due
+        if self._delayed_identities or self._held_replies:
+            replies = self._hold_back(replies, now)
         for identity, msg in replies:
             try:
                 protocol.send_frames(
@@ -334,6 +337,20 @@ class Broker:
                 if exc.errno not in (errno.EHOSTUNREACH, zmq.EAGAIN):
                     raise
                 logger.debug("client.gone command={}", msg.COMMAND.decode())
+
+    def _hold_back(self, replies: list[Reply], now: float) -> list[Reply]:
+        # The test-only reply delay: hold the marked replies, release due ones.
+        due_at = now + self.settings.fault_reply_delay_s
+        ready = []
+        for identity, msg in replies:
+            if identity in self._delayed_identities:
+                self._delayed_identities.discard(identity)
+                self._held_replies.append((due_at, (identity, msg)))
+            else:
+                ready.append((identity, msg))
+        while self._held_replies and self._held_replies[0][0] <= now:
+            ready.append(self._held_replies.pop(0)[1])
+        return ready
 
     # --- misc -------------------------------------------------------------------------
 

@@ -61,8 +61,10 @@ class BrokerSettings:
     log_json: bool = False
     #: Test-only fault hook: seconds added before every commit.
     fault_commit_delay_s: float = 0.0
-    #: Test-only fault hook: seconds the reply to a client request is held back.
+    #: Test-only fault hook: seconds the replies to the first
+    #: `fault_delayed_submits` SUBMIT requests are held back.
     fault_reply_delay_s: float = 0.0
+    fault_delayed_submits: int = 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,7 @@ _MINIMUM: dict[str, float] = {
     "request_retries": 0,
     "fault_commit_delay_s": 0.0,
     "fault_reply_delay_s": 0.0,
+    "fault_delayed_submits": 0,
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "durability": ("normal", "full"),

@@ -100,3 +100,26 @@ def test_c_timeouts_without_broker_then_it_starts(cluster: Cluster) -> None:
     # Then C on the same client succeeds at the first try
     handle = client.submit("echo", "C")
     assert handle.result(timeout=10) == "C"
+
+
+@pytest.mark.timeout(60)
+def test_b_late_reply_to_a_is_never_taken_for_b(cluster: Cluster) -> None:
+    # Given a broker whose reply to the first SUBMIT is held back 1.5 s
+    cluster.start_broker(
+        env={"HAKOBU_FAULT_REPLY_DELAY_S": "1.5", "HAKOBU_FAULT_DELAYED_SUBMITS": "1"}
+    )
+    cluster.start_worker("w1", capacity=1)
+    cluster.wait_workers("w1")
+    client = cluster.client(request_timeout=1.0, retries=0)
+
+    # When A times out waiting for its delayed reply, and B is submitted at once
+    with pytest.raises(BrokerUnavailable):
+        client.submit("echo", "A", key="late-A")
+    handle_b = client.submit("echo", "B", key="late-B")
+
+    # Then B's handle is B's own task, and A's late reply went nowhere
+    assert handle_b.result(timeout=15) == "B"
+    rows = dict(cluster.query("select key, id from tasks"))
+    assert rows["late-B"] == handle_b.id
+    assert rows["late-A"] != handle_b.id
+    assert client.status(rows["late-A"]).name == "echo"
