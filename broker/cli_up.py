@@ -106,6 +106,10 @@ def run_up(
             connectable(settings.clients_endpoint), request_timeout=1.0
         ) as client:
             problem = _wait_online(client, ids, children, stop)
+            if problem and stop.is_set() and demo is None:
+                # Asked to stop while starting: a clean stop, not a failure.
+                typer.echo("stopped before every worker was online", err=True)
+                return 0
             if problem:
                 typer.echo(f"error: {problem}", err=True)
                 return 1

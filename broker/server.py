@@ -42,6 +42,8 @@ HWM_MESSAGES = 100_000
 EXIT_STORE_FAILED = 4
 #: Exit code when an endpoint cannot be bound.
 EXIT_BIND_FAILED = 5
+#: Exit code after an unexpected error outside one message's handling.
+EXIT_CRASHED = 1
 #: Largest capacity a worker may announce.
 MAX_CAPACITY = 10_000
 #: Longest that writes no message depends on may wait for a shared commit.
@@ -157,8 +159,14 @@ class Broker:
         except StoreError as exc:
             logger.critical("store.failed error={}", exc)
             code = EXIT_STORE_FAILED
+        except Exception:
+            # Memory may now disagree with the store; restart recovers from disk.
+            logger.opt(exception=True).critical("broker.crashed")
+            code = EXIT_CRASHED
         finally:
-            self.close()
+            # After a failure the deferred batch may hold a half-done turn;
+            # dropping it is safe: it only holds writes no message relied on.
+            self.close(commit=code == 0)
         logger.info(
             "broker.stopped signal={} resends={} send_failures={} bad_frames={}",
             self.stop_signal,
@@ -235,6 +243,10 @@ class Broker:
                 self._on_worker(frames, time.monotonic())
             except ProtocolError as exc:
                 self._bad_frame("workers", exc, frames)
+            except StoreError:
+                raise
+            except Exception:  # one message is a loop boundary: log, go on
+                logger.exception("broker.message_failed endpoint=workers")
         return count
 
     def _on_worker(self, frames: list[bytes], at: float) -> None:
@@ -323,7 +335,15 @@ class Broker:
             if isinstance(msg, protocol.Submit) and self._delays_left:
                 self._delays_left -= 1
                 self._delayed_identities.add(identity)
-            self.desk.handle(identity, msg, replies)
+            try:
+                self.desk.handle(identity, msg, replies)
+            except StoreError:
+                raise
+            except Exception as exc:  # one request is a loop boundary: log, answer
+                logger.exception("broker.message_failed endpoint=clients")
+                rid = getattr(msg, "rid", 0)
+                text = f"the broker failed on this request: {type(exc).__name__}"
+                replies.append((identity, protocol.Error(rid, "HakobuError", text)))
 
     def _send_clients(self, replies: list[Reply], now: float) -> None:
         if self._delayed_identities or self._held_replies:
@@ -367,11 +387,11 @@ class Broker:
                 self._bad_frame_log.take_suppressed(),
             )
 
-    def close(self) -> None:
-        """Commit what is left, close sockets, context and store; idempotent."""
-        if self._carry is not None:
+    def close(self, commit: bool = True) -> None:
+        """Commit deferred writes (unless told not to), close everything."""
+        if self._carry is not None and commit:
             self.store.commit(self._carry)
-            self._carry = None
+        self._carry = None
         for sock in (self.workers, self.clients):
             if not sock.closed:
                 sock.close(LINGER_MS)

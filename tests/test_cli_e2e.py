@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import psutil
@@ -161,19 +162,26 @@ def test_up_serves_until_sigterm_then_stops_its_children(tmp_path: Path) -> None
         text=True,
         start_new_session=True,
     )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(up.stdout), daemon=True)
+    reader.start()
     try:
+        wait_until(lambda: any(line.startswith("serving") for line in lines), 30)
         with Client(clients, request_timeout=1.0, retries=0) as client:
-            wait_until(lambda: len(client.workers()) == 2, 30)
             assert client.submit("echo", "hi").result(timeout=10) == "hi"
         children = [c.pid for c in psutil.Process(up.pid).children()]
 
         # When it gets SIGTERM
         up.send_signal(signal.SIGTERM)
-        output, _ = up.communicate(timeout=40)
+        up.wait(timeout=40)
+        reader.join(10)
+        output = "".join(lines)
     finally:
         if up.poll() is None:
             up.kill()
             up.wait(10)
+        reader.join(10)
+        up.stdout.close()
 
     # Then it stopped broker and workers and exited 0
     assert up.returncode == 0, output
