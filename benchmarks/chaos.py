@@ -16,13 +16,9 @@ Every process it starts runs in its own session and is stopped by pid.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import shutil
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,16 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 if str(PROJECT_DIR) not in sys.path:
     sys.path.insert(0, str(PROJECT_DIR))
 
+from benchmarks.cluster import LocalCluster, clean_env  # noqa: E402
 from sdk import Client, HakobuError  # noqa: E402
 
-#: How every hakobu process is started; argv follows.
-CLI = [sys.executable, "-m", "broker.cli"]
 #: Environment variable naming the ledger file the handler appends to.
 LEDGER_ENV = "HAKOBU_CHAOS_LEDGER"
 #: The handler module workers load; every run appends "task attempt" first.
@@ -81,16 +74,6 @@ STOP_GRACE_S = 5.0
 
 
 @dataclass
-class Proc:
-    """One process this script started."""
-
-    name: str
-    args: list[str]
-    env: dict[str, str]
-    popen: subprocess.Popen[bytes]
-
-
-@dataclass
 class Stats:
     """What happened so far, for progress lines and the summary."""
 
@@ -101,116 +84,11 @@ class Stats:
     errors: list[str] = field(default_factory=list)
 
 
-class Processes:
-    """Start, SIGKILL, restart and finally stop the broker and workers, by pid."""
-
-    def __init__(self, folder: Path, capacity: int) -> None:
-        self.folder = folder
-        self.capacity = capacity
-        self.db = folder / "store.db"
-        self.workers_endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.clients_endpoint = f"tcp://127.0.0.1:{free_port()}"
-        self.broker: Proc | None = None
-        self.workers: dict[str, Proc] = {}
-        self.started: list[Proc] = []
-        self.lock = threading.Lock()
-
-    def env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("HAKOBU_")}
-        paths = [str(self.folder), str(PROJECT_DIR), env.get("PYTHONPATH", "")]
-        env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-        env[LEDGER_ENV] = str(self.folder / "ledger.txt")
-        env.update(TIMING)
-        env.update(extra)
-        return env
-
-    def spawn(self, name: str, args: list[str], env: dict[str, str]) -> Proc:
-        with self.lock, open(self.folder / f"{name}.log", "ab") as out:
-            popen = subprocess.Popen(
-                args,
-                cwd=self.folder,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            proc = Proc(name, args, env, popen)
-            self.started.append(proc)
-        return proc
-
-    def start_broker(self) -> None:
-        args = [
-            *CLI,
-            "broker",
-            "--workers-endpoint",
-            self.workers_endpoint,
-            "--clients-endpoint",
-            self.clients_endpoint,
-            "--db",
-            str(self.db),
-        ]
-        self.broker = self.spawn("broker", args, self.env({}))
-
-    def start_worker(self, worker_id: str) -> None:
-        args = [
-            *CLI,
-            "worker",
-            "--id",
-            worker_id,
-            "--broker",
-            self.workers_endpoint,
-            "--capacity",
-            str(self.capacity),
-            "--tasks",
-            "chaos_tasks",
-        ]
-        self.workers[worker_id] = self.spawn(worker_id, args, self.env(WORKER_TIMING))
-
-    def kill(self, proc: Proc) -> None:
-        """SIGKILL one process by pid and reap it."""
-        if proc.popen.poll() is None:
-            os.kill(proc.popen.pid, signal.SIGKILL)
-        proc.popen.wait(timeout=10)
-
-    def restart(self, proc: Proc) -> Proc:
-        """Start `proc` again with the same arguments (it must have exited)."""
-        new = self.spawn(proc.name, proc.args, proc.env)
-        if proc is self.broker:
-            self.broker = new
-        else:
-            self.workers[proc.name] = new
-        return new
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL, every process started here and its session."""
-        with self.lock:
-            procs = list(self.started)
-        for proc in procs:
-            if proc.popen.poll() is None:
-                os.kill(proc.popen.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for proc in procs:
-            try:
-                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.kill(proc.popen.pid, signal.SIGKILL)
-                proc.popen.wait(timeout=5)
-        # Handler processes of SIGKILLed workers stay in their worker's session.
-        sessions = {proc.popen.pid for proc in procs}
-        for process in psutil.process_iter():
-            try:
-                if os.getsid(process.pid) in sessions:
-                    os.kill(process.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, psutil.Error):
-                continue
-
-
 class Chaos(threading.Thread):
     """SIGKILL a random worker every `kill_every_s` and the broker a few times."""
 
     def __init__(
-        self, procs: Processes, args: argparse.Namespace, stats: Stats
+        self, procs: LocalCluster, args: argparse.Namespace, stats: Stats
     ) -> None:
         super().__init__(daemon=True)
         self.procs = procs
@@ -250,24 +128,6 @@ class Chaos(threading.Thread):
                 self.stats.worker_kills += 1
                 self.done.wait(self.args.restart_after)
                 self.procs.restart(proc)
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for_workers(client: Client, worker_ids: list[str], timeout_s: float) -> None:
-    """Wait until the broker lists every worker online; raise RuntimeError if not."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        online = {w.id for w in client.workers() if w.state == "online"}
-        if online >= set(worker_ids):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"workers {worker_ids} not all online after {timeout_s} s")
 
 
 def progress(stats: Stats, total: int, started_at: float, stop: threading.Event):
@@ -368,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="hakobu-chaos-"))
     (folder / "chaos_tasks.py").write_text(TASKS_MODULE, encoding="utf-8")
-    procs = Processes(folder, args.capacity)
+    ledger = folder / "ledger.txt"
+    procs = LocalCluster(
+        folder,
+        db_name="store.db",
+        env=clean_env([folder, PROJECT_DIR], {LEDGER_ENV: str(ledger), **TIMING}),
+        cwd=folder,
+    )
     stats = Stats()
     worker_ids = [f"w{k}" for k in range(1, args.workers + 1)]
     chaos = Chaos(procs, args, stats)
@@ -385,9 +251,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         procs.start_broker()
         for worker_id in worker_ids:
-            procs.start_worker(worker_id)
+            procs.start_worker(
+                worker_id,
+                "--capacity",
+                str(args.capacity),
+                "--tasks",
+                "chaos_tasks",
+                env=WORKER_TIMING,
+            )
         with Client(procs.clients_endpoint, request_timeout=5.0) as client:
-            wait_for_workers(client, worker_ids, 60.0)
+            procs.wait_online(worker_ids, 60.0, client=client, poll_s=0.1)
             reporter = threading.Thread(
                 target=progress,
                 args=(stats, args.tasks, started_at, stop_progress),
@@ -403,10 +276,10 @@ def main(argv: list[str] | None = None) -> int:
         stop_progress.set()
         if chaos.is_alive():
             chaos.join(timeout=30)
-        procs.stop()
+        procs.stop(grace_s=STOP_GRACE_S)
 
     wrong = [i for i, value in got.items() if value != i]
-    runs = count_runs(folder / "ledger.txt")
+    runs = count_runs(ledger)
     extra = sum(n - 1 for n in runs.values() if n > 1)
     rate = 100.0 * (len(got) - len(wrong)) / args.tasks
     stored = states(procs.db) if procs.db.exists() else Counter()

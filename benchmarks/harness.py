@@ -12,11 +12,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
-import socket
 import sqlite3
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +24,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]
 
 from benchmarks import ceilings
+from benchmarks.cluster import LocalCluster
 
 
 @dataclass(frozen=True)
@@ -48,9 +46,9 @@ def run(
 ) -> dict[str, Any]:
     """Run one benchmark and return its figures."""
     folder = Path(tempfile.mkdtemp(prefix="hakobu-bench-"))
-    cluster = _Cluster(folder, config)
+    cluster = LocalCluster(folder, db_name="bench.db")
     try:
-        broker = psutil.Process(cluster.start())
+        broker = psutil.Process(_start(cluster, config))
         cpu_before = sum(broker.cpu_times()[:2])
         rss_before = broker.memory_info().rss
         started = time.perf_counter()
@@ -59,7 +57,7 @@ def run(
         cpu_used = sum(broker.cpu_times()[:2]) - cpu_before
         rss_after = broker.memory_info().rss
     finally:
-        cluster.stop()
+        cluster.stop(grace_s=STOP_GRACE_S)
     rows = _read_rows(cluster.db)
     shutil.rmtree(folder, ignore_errors=True)
 
@@ -113,82 +111,25 @@ def run(
 
 
 _TERMINAL = ("succeeded", "failed", "cancelled")
+#: Seconds the broker and workers get after SIGTERM before SIGKILL.
+STOP_GRACE_S = 15.0
 
 
-class _Cluster:
-    """A broker and workers in child processes, on free loopback ports."""
-
-    def __init__(self, folder: Path, config: BenchConfig) -> None:
-        self.folder = folder
-        self.config = config
-        self.db = folder / "bench.db"
-        self.workers_endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.clients_endpoint = f"tcp://127.0.0.1:{_free_port()}"
-        self.broker: subprocess.Popen[bytes] | None = None
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> int:
-        """Start everything, wait for the workers; return the broker's pid."""
-        from sdk import Client
-
-        self.broker = self._spawn(
-            "broker",
-            "broker",
-            "--workers-endpoint",
-            self.workers_endpoint,
-            "--clients-endpoint",
-            self.clients_endpoint,
-            "--db",
-            str(self.db),
-            "--durability",
-            self.config.durability,
+def _start(cluster: LocalCluster, config: BenchConfig) -> int:
+    """Start the broker and workers, wait for the workers; return the broker's pid."""
+    broker = cluster.start_broker(
+        "--durability", config.durability, "--log-level", "WARNING"
+    )
+    for index in range(1, config.workers + 1):
+        cluster.start_worker(
+            f"bench_{index:03d}",
+            "--capacity",
+            str(config.capacity),
             "--log-level",
             "WARNING",
         )
-        for index in range(1, self.config.workers + 1):
-            self._spawn(
-                f"worker-{index}",
-                "worker",
-                "--id",
-                f"bench_{index:03d}",
-                "--broker",
-                self.workers_endpoint,
-                "--capacity",
-                str(self.config.capacity),
-                "--log-level",
-                "WARNING",
-            )
-        deadline = time.monotonic() + 60
-        with Client(self.clients_endpoint, request_timeout=2.0) as client:
-            while time.monotonic() < deadline:
-                online = [w for w in client.workers() if w.state == "online"]
-                if len(online) >= self.config.workers:
-                    return self.broker.pid
-                time.sleep(0.05)
-        raise RuntimeError("workers did not register within 60 s")
-
-    def _spawn(self, log: str, *args: str) -> subprocess.Popen[bytes]:
-        out = open(self.folder / f"{log}.log", "wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "broker.cli", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        out.close()
-        self.children.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.children:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+    cluster.wait_online(config.workers, 60)
+    return broker.pid
 
 
 def _drive_clients(
@@ -309,12 +250,6 @@ def _histogram(values: list[float]) -> list[list[float]]:
                 counts[index] += 1
                 break
     return [[edge, float(n)] for edge, n in zip(edges, counts, strict=True) if n]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def default_processes() -> int:

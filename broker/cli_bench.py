@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -66,6 +67,8 @@ def bench_command(
         capacity=capacity,
         with_ceilings=ceilings,
     )
+    # SIGTERM unwinds like Ctrl-C, so the harness stops what it started.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     figures = run(config, _progress)
     sys.stderr.write("\n")
     if save is not None:

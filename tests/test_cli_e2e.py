@@ -209,3 +209,32 @@ def _up_args(tmp_path: Path, workers: int) -> list[str]:
         "--log-dir",
         str(tmp_path / "logs"),
     ]
+
+
+@pytest.mark.timeout(120)
+def test_bench_json_reports_every_figure(tmp_path: Path) -> None:
+    # When a small benchmark runs with --json
+    done = hakobu(
+        "bench",
+        "--tasks",
+        "60",
+        "--workers",
+        "1",
+        "--capacity",
+        "2",
+        "--no-ceilings",
+        "--json",
+        cwd=tmp_path,
+        timeout_s=100,
+    )
+
+    # Then it printed one JSON object whose figures add up
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (figures["accepted"], figures["terminal"]) == (60, 60)
+    assert figures["delivery_rate"] == 1.0
+    assert figures["tasks_per_s"] > 0
+    for key in ("submit_to_assign_ms", "submit_to_result_ms"):
+        assert set(figures[key]) >= {"p50", "p90", "p99"}
+        assert figures[key]["p50"] <= figures[key]["p99"]
+    assert figures["broker_rss_mb"] > 0

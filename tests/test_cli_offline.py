@@ -169,11 +169,13 @@ def test_unreachable_broker_exits_1_naming_endpoint_and_setting(tmp_path: Path) 
 
 
 @pytest.mark.timeout(60)
-def test_bench_is_a_stub_that_says_so(tmp_path: Path) -> None:
-    done = hakobu("bench", cwd=tmp_path)
+def test_bench_refuses_an_unknown_mode_before_starting_anything(
+    tmp_path: Path,
+) -> None:
+    done = hakobu("bench", "--mode", "bogus", cwd=tmp_path)
 
-    assert done.returncode == 1
-    assert "not built yet" in done.stderr
+    assert done.returncode == 2
+    assert "choose burst or serial" in done.stderr
 
 
 def test_json_output_shows_bytes_as_base64_and_keeps_shapes() -> None:

@@ -92,7 +92,8 @@ def test_broker_sigterm_with_unacknowledged_assigns(
     cluster: Cluster, raw: RawSockets
 ) -> None:
     # Given a broker, two real workers and 20 fake workers that never ACK
-    broker = cluster.start_broker()
+    # (nor heartbeat: a long liveness keeps them registered on a slow machine)
+    broker = cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
     cluster.start_worker("w1", capacity=2)
     cluster.start_worker("w2", capacity=2)
     fakes = []
