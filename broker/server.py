@@ -181,14 +181,18 @@ class Broker:
 
     def step(self) -> None:
         """Run one turn: drain, decide, commit, send."""
-        self._poll()
+        readable = self._poll()
         now, wall = time.monotonic(), time.time()
         effects = self.scheduler.begin_turn(now, wall, self._carry)
         replies: list[Reply] = []
 
         budget = self.settings.batch_max
-        worker_count = self._drain_workers(budget)
-        self._drain_clients(max(budget - worker_count, 1), replies)
+        # Poll is level-triggered: a socket it did not report holds nothing.
+        worker_count = 0
+        if self.workers in readable:
+            worker_count = self._drain_workers(budget)
+        if self.clients in readable:
+            self._drain_clients(max(budget - worker_count, 1), replies)
         self.scheduler.tick(may_expire=worker_count < budget)
         self.scheduler.assign()
 
@@ -217,7 +221,7 @@ class Broker:
             return True
         return self._carry is not None and now - self._carry_since >= LAZY_COMMIT_S
 
-    def _poll(self) -> None:
+    def _poll(self) -> dict[zmq.Socket[bytes], int]:
         now = time.monotonic()
         due = self.scheduler.next_timer_at()
         if self._carry is not None:
@@ -228,7 +232,7 @@ class Broker:
         if self._held_replies:
             due = min(due, self._held_replies[0][0])
         timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
-        self.poller.poll(int(timeout_s * 1000))
+        return dict(self.poller.poll(int(timeout_s * 1000)))
 
     # --- workers -------------------------------------------------------------------
 

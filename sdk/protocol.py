@@ -18,7 +18,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
 import msgpack  # type: ignore[import-untyped]
 import zmq
@@ -415,9 +415,7 @@ def maxmsgsize(max_payload_bytes: int) -> int:
 
 _SEND_MORE = int(zmq.SNDMORE) | int(zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
 _RCVMORE = int(zmq.RCVMORE)
-_POLLIN = int(zmq.POLLIN)
 
 
 def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
@@ -429,9 +427,10 @@ def send_frames(sock: zmq.Socket[bytes], frames: list[bytes]) -> None:
 
 def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
     """Return the next whole message, or None when nothing is waiting."""
-    if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+    try:
+        frames = [sock.recv(_NOBLOCK)]
+    except zmq.Again:
         return None
-    frames = [sock.recv(_NOBLOCK)]
     while sock.getsockopt(_RCVMORE):
         frames.append(sock.recv(_NOBLOCK))
     return frames
