@@ -1,10 +1,10 @@
 """The delivery-rate harness: a real broker and workers on loopback, M no-op
 tasks from K client processes, and the figures that say how it went.
 
-Latencies come from two clocks: submit -> assign and burst submit -> result
-are read from the broker's own rows (`created_at`, the ASSIGN notification's
-`created_at`, `finished_at`); serial submit -> result is timed by the client
-around each `submit` + `result` pair.
+Latencies come from two clocks: submit -> assign (until the worker's ACK of
+the ASSIGN was read) and burst submit -> result are read from the broker's
+own rows (`created_at`, `started_at`, `finished_at`); serial submit -> result
+is timed by the client around each `submit` + `result` pair.
 """
 
 from __future__ import annotations
@@ -194,21 +194,17 @@ def _count_terminal(db: Path) -> int:
 
 
 def _read_rows(db: Path) -> dict[str, dict[str, Any]]:
+    # "Assigned" is when the broker read the worker's ACK of the ASSIGN (the
+    # task's started_at): the decision itself is taken in the submit's own
+    # loop turn whenever a slot is free, so its timestamp would read 0.
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
-        rows = {
-            r["id"]: {**dict(r), "assigned_at": None}
+        return {
+            r["id"]: {**dict(r), "assigned_at": r["started_at"]}
             for r in conn.execute(
-                "SELECT id, state, created_at, finished_at FROM tasks"
+                "SELECT id, state, created_at, started_at, finished_at FROM tasks"
             )
         }
-        for note in conn.execute(
-            "SELECT task_id, min(created_at) AS at FROM worker_notifications "
-            "WHERE notification_type = 'task_assigned' GROUP BY task_id"
-        ):
-            if note["task_id"] in rows:
-                rows[note["task_id"]]["assigned_at"] = note["at"]
-    return rows
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

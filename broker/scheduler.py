@@ -188,7 +188,10 @@ class Scheduler:
         if not worker.held:
             worker.idle_since = self.now
         self.effects.batch.workers[worker.id] = worker.row()
-        self.effects.sends.append((worker.id, protocol.Welcome(s=msg.s)))
+        welcome = protocol.Welcome(
+            s=msg.s, max_payload_bytes=self.settings.max_payload_bytes
+        )
+        self.effects.sends.append((worker.id, welcome))
         self.is_dirty = True
         logger.info(
             "worker.registered worker={} capacity={} tags={} held={} pid={}",
@@ -690,9 +693,10 @@ class Scheduler:
         for task_id, attempt in list(worker.held):
             task = self.tasks.get(task_id)
             if self._is_current(task, attempt, worker):
-                acked = (task_id, attempt) not in self.assign_notes
+                # Counted even when unacknowledged: a worker that keeps
+                # vanishing with the task must not get it for ever.
                 error_type = "WorkerLost" if state == "lost" else "WorkerExited"
-                self._requeue(task, error_type, why, loss=acked)
+                self._requeue(task, error_type, why, loss=True)
         worker.held.clear()
         self._supersede_notes(worker)
         self.effects.batch.workers[worker.id] = worker.row()

@@ -28,7 +28,8 @@ from broker.clients import ClientDesk, Reply
 from broker.ratelimit import RateLimit
 from broker.scheduler import Effects, Scheduler, recover
 from broker.store import Batch, Store
-from config.settings import BrokerSettings
+from config.errors import ConfigError
+from config.settings import BrokerSettings, validate_worker_id
 from sdk import protocol
 from sdk.errors import DecodeError, ProtocolError, StoreError, TransportError
 
@@ -271,7 +272,7 @@ class Broker:
             scheduler.effects.sends.append((worker_id, stop))
             return
         if isinstance(msg, protocol.Ready):
-            problem = _check_ready(msg, worker_id)
+            problem = _check_ready(msg, worker_id, self.settings.max_payload_bytes)
             if problem is None:
                 scheduler.ready(msg, at)
                 return
@@ -403,9 +404,19 @@ class Broker:
         self.store.close()
 
 
-def _check_ready(msg: protocol.Ready, worker_id: str) -> str | None:
+def _check_ready(msg: protocol.Ready, worker_id: str, limit: int) -> str | None:
     if msg.worker_id != worker_id:
         return f"READY names {msg.worker_id!r} but the routing id is {worker_id!r}"
+    try:
+        validate_worker_id(worker_id)
+    except ConfigError as exc:
+        return str(exc)
+    if 0 < msg.max_payload_bytes < limit:
+        return (
+            f"worker max_payload_bytes {msg.max_payload_bytes} is below the "
+            f"broker's {limit}: tasks the broker accepts could not reach this "
+            "worker; give both the same HAKOBU_MAX_PAYLOAD_BYTES"
+        )
     if not 1 <= msg.capacity <= MAX_CAPACITY:
         return f"capacity must be 1-{MAX_CAPACITY}"
     if len(msg.tags) > protocol.MAX_TAGS:

@@ -11,12 +11,14 @@ Limits:
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import peewee
 from loguru import logger
@@ -67,6 +69,7 @@ class Store:
 
     def __init__(self, path: str, durability: str = "normal") -> None:
         self.path = path
+        self._lock = _lock_store(path)
         pragmas = {
             "journal_mode": "wal",
             "synchronous": "full" if durability == "full" else "normal",
@@ -79,18 +82,19 @@ class Store:
         try:
             self.db.connect()
             self.db.create_tables(MODELS)
-        except peewee.PeeweeException as exc:
-            raise StoreError(f"cannot open store {path}: {exc}") from exc
-        except sqlite3.Error as exc:
+        except (peewee.PeeweeException, sqlite3.Error) as exc:
+            self._lock.close()
             raise StoreError(f"cannot open store {path}: {exc}") from exc
 
     def _cursor(self) -> Any:
         return self.db.cursor()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
-        """Close the connection; idempotent."""
+        """Close the connection and release the store lock; idempotent."""
         if not self.db.is_closed():
             self.db.close()
+        if not self._lock.closed:
+            self._lock.close()
 
     # --- writes ------------------------------------------------------------
 
@@ -248,6 +252,30 @@ class Store:
             return list(query.dicts())
         except (peewee.PeeweeException, sqlite3.Error) as exc:
             raise StoreError(f"read failed: {exc}") from exc
+
+
+def _lock_store(path: str) -> IO[str]:
+    """Take the store's lock file, so two brokers never share one store."""
+    lock_path = f"{path}.lock"
+    try:
+        handle = open(lock_path, "a+", encoding="utf-8")  # noqa: SIM115
+    except OSError as exc:
+        raise StoreError(f"cannot create {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        handle.seek(0)
+        owner = handle.read().strip() or "unknown"
+        handle.close()
+        raise StoreError(
+            f"store {path} is in use by another broker (pid {owner}); stop it "
+            "or give this broker another --db"
+        ) from exc
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
 
 
 def dump_list(values: Iterable[Any]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 from config import ConfigError, validate_worker_id
 from sdk import protocol
 
@@ -15,6 +13,8 @@ MAX_RETRIES = 1000
 MAX_KEY_CHARS = 200
 #: Longest tag, in characters.
 MAX_TAG_CHARS = 100
+#: Longest duration a task may name (delay, deadlines, timeout): ten years.
+MAX_DURATION_S = 10 * 365 * 86_400.0
 
 
 def check_submit(request: protocol.Submit) -> str | None:
@@ -36,8 +36,8 @@ def check_submit(request: protocol.Submit) -> str | None:
         return f"retries must be 0-{MAX_RETRIES}"
     for field in ("fallback_after", "start_deadline", "delay", "timeout"):
         value = getattr(request, field)
-        if value is not None and (not math.isfinite(value) or value < 0):
-            return f"{field} must be a finite number of seconds >= 0"
+        if value is not None and not 0 <= value <= MAX_DURATION_S:
+            return f"{field} must be 0-{MAX_DURATION_S:.0f} seconds"
     if request.timeout is not None and request.timeout == 0:
         return "timeout must be above 0 seconds"
     if request.preferred_worker is not None:

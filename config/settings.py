@@ -177,7 +177,12 @@ def validate_worker_id(worker_id: str | bytes) -> str:
             raise ConfigError(
                 f"invalid worker id {worker_id!r}: it must be UTF-8 text"
             ) from exc
-    if not isinstance(worker_id, str) or not worker_id:
+    if not isinstance(worker_id, str):
+        raise ConfigError(
+            f"invalid worker id {worker_id!r}: it must be text, not "
+            f"{type(worker_id).__name__}"
+        )
+    if not worker_id:
         raise ConfigError(
             "invalid worker id: it is empty; pass --id or HAKOBU_WORKER_ID"
         )
@@ -234,13 +239,21 @@ def _file_values(
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
 
     cls = {"broker": BrokerSettings, "worker": WorkerSettings}.get(role, ClientSettings)
     known = _field_names(cls)
-    found = [(k, v, f"{path}") for k, v in data.items() if not isinstance(v, dict)]
-    found = [(k, v, s) for k, v, s in found if k in known]
+    shared = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    anyone = set().union(
+        *(_field_names(c) for c in (BrokerSettings, WorkerSettings, ClientSettings))
+    )
+    for key in shared:
+        if key not in anyone:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+    found = [(k, v, f"{path}") for k, v in shared.items() if k in known]
     table = data.get(role, {})
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [{role}] must be a table")

@@ -165,6 +165,8 @@ class Ready(Message):
     draining: bool = False
     pid: int = 0
     host: str = ""
+    #: The largest payload this worker accepts (0: not said).
+    max_payload_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +236,8 @@ class Welcome(Message):
 
     COMMAND: ClassVar[bytes] = b"WELCOME"
     s: str
+    #: The largest result the broker accepts; the worker refuses larger ones.
+    max_payload_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,6 +397,14 @@ def pack_value(value: Any, limit: int, what: str = "payload") -> bytes:
         raise ProtocolError(f"{what} cannot be sent as msgpack: {exc}") from exc
     if len(packed) > limit:
         raise PayloadTooLarge(len(packed), limit, what)
+    try:
+        # A tuple used as a map key packs fine but cannot be unpacked.
+        msgpack.unpackb(packed, raw=False, use_list=True, strict_map_key=False)
+    except TypeError as exc:
+        raise ProtocolError(
+            f"{what} has a map key that would not come back (a list or tuple); "
+            "use str, int, bytes, float or bool keys"
+        ) from exc
     return packed
 
 

@@ -68,6 +68,10 @@ class Executor:
             if slot.process is None:
                 self._spawn(slot)
 
+    def limit_results(self, max_payload_bytes: int) -> None:
+        """Refuse results above this size too (the broker's limit)."""
+        self._max_payload_bytes = min(self._max_payload_bytes, max_payload_bytes)
+
     def wait_ready(
         self, timeout_s: float, give_up: Callable[[], bool] = lambda: False
     ) -> bool:

@@ -259,6 +259,8 @@ class Worker:
                 self._log.debug("task.stored task={} attempt={}", *key)
         elif isinstance(message, protocol.Welcome):
             self._log.info("worker.registered owed={}", len(self._outbox))
+            if message.max_payload_bytes:
+                self._executor.limit_results(message.max_payload_bytes)
             self._session.on_welcome()
             self._resend(self._outbox.everything(now))
         elif isinstance(message, protocol.Reconnect):

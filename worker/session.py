@@ -117,6 +117,7 @@ class Session:
                 draining=draining,
                 pid=os.getpid(),
                 host=socket.gethostname(),
+                max_payload_bytes=self._settings.max_payload_bytes,
             )
         )
 

@@ -327,3 +327,20 @@ def test_cancel_of_a_running_task_aborts_it_and_keeps_the_slot_until_it_reports(
     h.finish("w1", h.assigns("w1")[0], ok=False, cancelled=True, error_type="Cancelled")
     h.turn()
     assert len(h.assigns("w1")) == 2
+
+
+def test_a_worker_that_vanishes_before_acknowledging_still_uses_up_attempts():
+    # Given a task that a worker keeps receiving and never acknowledges
+    h = Harness(max_attempts=3)
+    task_id = h.submit()
+    for round_ in range(1, 4):
+        h.silent.discard("w1")
+        h.ready("w1", s=f"session-{round_}")
+        h.turn()
+        h.silent.add("w1")
+        h.turn(advance=3.5)  # lost: liveness 3 x 1 s
+        h.turn()
+    # Then the third loss ends it failed instead of cycling for ever
+    assert h.ended == [task_id]
+    assert h.sched.tasks[task_id].state == "failed"
+    assert sorted({a.attempt for a in h.assigns("w1")}) == [1, 2, 3]

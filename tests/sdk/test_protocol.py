@@ -473,3 +473,8 @@ def test_unpack_value_of_random_bytes_never_raises_anything_else(data: bytes) ->
         p.unpack_value(data)
     except DecodeError:
         pass
+
+
+def test_a_tuple_map_key_is_refused_when_packing_not_after_sending() -> None:
+    with pytest.raises(ProtocolError, match="map key that would not come back"):
+        p.pack_value({(1, 2): 3}, 1024)

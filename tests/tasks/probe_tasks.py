@@ -159,3 +159,9 @@ def probe_fork(payload: Any, ctx: Any) -> str:
         raise ValueError(f"unknown fork kind {kind!r}")
     _end(ctx, t_start)
     return kind
+
+
+@task("probe_big_result")
+def probe_big_result(size: int) -> bytes:
+    """Return `size` bytes, to test result size limits."""
+    return b"x" * size
