@@ -18,6 +18,8 @@ Exit codes: 0 done, 1 failed (task failed, broker unreachable, timeout),
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -26,7 +28,11 @@ import typer
 from broker.cli_bench import bench_command
 from broker.cli_client import register, reporting
 from config.logging import setup_logging
-from config.settings import load_broker_settings, load_worker_settings
+from config.settings import (
+    WorkerSettings,
+    load_broker_settings,
+    load_worker_settings,
+)
 
 app = typer.Typer(
     help="hakobu: a push-based task broker on ZeroMQ.",
@@ -158,11 +164,16 @@ def worker(
     tasks: Annotated[
         list[str] | None,
         typer.Option(
-            "--tasks", help="Module whose @task handlers to load; repeatable."
+            "--tasks",
+            help="Module whose @task handlers to load; repeatable. The working "
+            "folder comes first on sys.path for it, as with `python -m`.",
         ),
     ] = None,
     capacity: Annotated[
-        int | None, typer.Option(help="Handlers that may run at once (default 1).")
+        int | None,
+        typer.Option(
+            help=f"Handlers that may run at once (default {WorkerSettings.capacity})."
+        ),
     ] = None,
     tag: Annotated[
         list[str] | None,
@@ -203,7 +214,26 @@ def worker(
     setup_logging(settings.log_level, settings.log_json)
     from worker import Worker
 
-    raise typer.Exit(Worker(settings=settings).run())
+    if settings.tasks:
+        working_folder_on_path()
+    with reporting():
+        # A task module that cannot be imported is one line and exit 2.
+        runner = Worker(settings=settings)
+    raise typer.Exit(runner.run())
+
+
+def working_folder_on_path() -> None:
+    """Put the working folder first on sys.path, as `python -m` does.
+
+    Handler child processes are spawned, and spawn hands them this sys.path,
+    so they import the same task modules. Like `python -m`, this is skipped
+    under PYTHONSAFEPATH / -P.
+    """
+    if sys.flags.safe_path:
+        return
+    here = os.getcwd()
+    if not any(os.path.abspath(entry) == here for entry in sys.path):
+        sys.path.insert(0, here)
 
 
 @app.command()
@@ -220,7 +250,14 @@ def up(
         str | None,
         typer.Option(help="Clients endpoint (default tcp://127.0.0.1:5556)."),
     ] = None,
-    capacity: Annotated[int, typer.Option(min=1, help="Capacity of each worker.")] = 2,
+    capacity: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Capacity of each worker (default: setting capacity, from the "
+            f"TOML worker table or HAKOBU_CAPACITY, else {WorkerSettings.capacity}).",
+        ),
+    ] = None,
     tasks: Annotated[
         list[str] | None,
         typer.Option("--tasks", help="Handler module for the workers; repeatable."),
@@ -251,11 +288,20 @@ def up(
             workers_endpoint=workers_endpoint,
             clients_endpoint=clients_endpoint,
         )
+        # The workers read these settings themselves; loading them here only
+        # refuses bad ones early and tells the layout their capacity.
+        worker_settings = load_worker_settings(
+            config,
+            worker_id="local_001",
+            capacity=capacity,
+            tasks=tuple(tasks) if tasks else None,
+        )
     setup_logging("WARNING")
     code = run_up(
         settings,
         workers=workers,
         capacity=capacity,
+        worker_capacity=worker_settings.capacity,
         tasks=tuple(tasks or ()),
         demo=demo,
         log_dir=log_dir,

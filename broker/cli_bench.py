@@ -9,8 +9,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+import typer.core
+from rich.markup import escape
 
 from benchmarks.harness import BenchConfig, run
+
+
+def literal(text: str) -> str:
+    """Return help text that shows as written: rich markup would eat "[plot]"."""
+    return escape(text) if getattr(typer.core, "HAS_RICH", True) else text
 
 
 def bench_command(
@@ -39,7 +46,12 @@ def bench_command(
         typer.Option(help="Also measure the bare transport and store ceilings."),
     ] = True,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print one JSON object and nothing else.")
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the figures as one JSON object: stdout holds only that "
+            "object; progress and notes go to stderr.",
+        ),
     ] = False,
     save: Annotated[
         Path | None, typer.Option(help="Write the figures as JSON to this file.")
@@ -47,8 +59,10 @@ def bench_command(
     plot: Annotated[
         Path | None,
         typer.Option(
-            help="Draw latency.png and throughput.png into this folder "
-            '(needs matplotlib: pip install -e ".[plot]").'
+            help=literal(
+                "Draw latency.png and throughput.png into this folder "
+                '(needs matplotlib: pip install -e ".[plot]").'
+            )
         ),
     ] = None,
 ) -> None:

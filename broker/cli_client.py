@@ -3,7 +3,9 @@ cancel, tasks, workers; and how every command reports errors."""
 
 from __future__ import annotations
 
+import codecs
 import json
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,7 +16,7 @@ import typer
 from broker import cli_render as render
 from config.errors import ConfigError, HakobuError
 from config.logging import setup_logging
-from sdk.client import Client
+from sdk.client import Client, check_submit_item
 from sdk.errors import DecodeError, ProtocolError, TaskFailed, VersionMismatch
 
 Endpoint = Annotated[
@@ -29,6 +31,23 @@ AsJson = Annotated[
     bool,
     typer.Option(
         "--json", help="Print one JSON document; bytes values appear as base64 text."
+    ),
+]
+SubmitJson = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print JSON lines: one object per task, on its own line, in input "
+        "order ({id, created}, or with --wait {id, state, result} or the error); "
+        "bytes values appear as base64 text.",
+    ),
+]
+TasksJson = Annotated[
+    bool,
+    typer.Option(
+        "--json",
+        help="Print one JSON document: a list of task records whose results are "
+        "omitted (null); `status` or `result` shows one.",
     ),
 ]
 
@@ -114,21 +133,32 @@ def submit(
     from_file: Annotated[
         Path | None,
         typer.Option(
-            help="JSON lines, each an object with name, payload and submit keywords "
-            "(preferred_worker, require_worker, priority, tags...), sent in one "
-            "request; '-' is stdin. The other task flags do not apply."
+            help="UTF-8 JSON lines, each an object with name, payload and submit "
+            "keywords (preferred_worker, require_worker, priority, tags...), sent "
+            "in as few requests as their size allows; '-' is stdin. The other "
+            "task flags do not apply."
         ),
     ] = None,
     endpoint: Endpoint = None,
-    as_json: AsJson = False,
+    as_json: SubmitJson = False,
 ) -> None:
     """Submit a task and print its id, or with --wait its result (as JSON)."""
     if (name is None) == (from_file is None):
         fail("give a task NAME or --from-file FILE, one of them", 2)
-    items = _read_tasks(from_file) if from_file is not None else []
+    for flag, seconds in (
+        ("--fallback-after", fallback_after),
+        ("--start-deadline", start_deadline),
+        ("--delay", delay),
+        ("--timeout", timeout),
+        ("--wait-timeout", wait_timeout),
+    ):
+        _check_duration(flag, seconds)
+    lines = _read_tasks(from_file) if from_file is not None else []
     value = _parse_json(payload, "--payload") if payload is not None else None
     with client_for(endpoint) as client:
         if name is None:
+            limit = client.settings.max_payload_bytes
+            items = _check_items(_source(from_file), lines, limit)
             handles = client.submit_many(items)
         else:
             handle = client.submit(
@@ -177,6 +207,7 @@ def result(
     as_json: AsJson = False,
 ) -> None:
     """Wait for a task to end and print its result as JSON; exit 1 if it failed."""
+    _check_duration("--timeout", timeout)
     with client_for(endpoint) as client:
         ok = _print_result(client, task_id, timeout, as_json)
     if not ok:
@@ -207,7 +238,7 @@ def tasks(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most tasks to list.")] = 100,
     endpoint: Endpoint = None,
-    as_json: AsJson = False,
+    as_json: TasksJson = False,
 ) -> None:
     """List tasks, newest first (without results)."""
     with client_for(endpoint) as client:
@@ -248,6 +279,8 @@ def _print_result(
         typer.echo(f"error: {exc}", err=True)
         return False
     except TimeoutError as exc:
+        if as_json:
+            typer.echo(render.dumps({"id": task_id, **_timed_out(exc)}))
         typer.echo(f"error: {exc}", err=True)
         return False
     _emit(
@@ -267,30 +300,80 @@ def _failure(exc: TaskFailed) -> dict[str, Any]:
     }
 
 
+def _timed_out(exc: TimeoutError) -> dict[str, Any]:
+    """The JSON line of a task whose wait ran out: its state is not known."""
+    return {
+        "state": None,
+        "error_type": type(exc).__name__,
+        "error": str(exc),
+        "traceback": None,
+    }
+
+
+def _check_duration(flag: str, seconds: float | None) -> None:
+    """Exit 2 with one line when a seconds flag is negative or not finite."""
+    if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+        fail(f"{flag} must be a finite number of seconds, 0 or more, not {seconds}", 2)
+
+
 def _parse_json(text: str, what: str) -> Any:
     """Return the value of JSON `text`, or exit 2 naming `what`."""
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         fail(f"{what} is not valid JSON: {exc.msg} (column {exc.colno})", 2)
+    except RecursionError:
+        fail(f"{what} is not usable JSON: nested too deeply", 2)
 
 
-def _read_tasks(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON-lines file of task objects, or exit 2 naming the bad line."""
+def _read_tasks(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Read a JSON-lines file of task objects as (line number, object).
+
+    Lines end at a line feed (a carriage return before it is ignored); each
+    must be UTF-8 text holding one JSON object, or be blank. Anything else
+    exits 2 with one line naming the file and the line.
+    """
     try:
-        text = (
-            typer.get_text_stream("stdin").read()
-            if str(path) == "-"
-            else path.read_text(encoding="utf-8")
-        )
+        if str(path) == "-":
+            data = typer.get_binary_stream("stdin").read()
+        else:
+            data = path.read_bytes()
     except OSError as exc:
         fail(f"cannot read {path}: {exc.strerror}", 2)
     items = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        where = f"{_source(path)} line {number}"
+        if number == 1 and raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8) :]  # a byte order mark is no JSON
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            fail(
+                f"{where} is not UTF-8 text: byte {raw[exc.start]:#04x} at "
+                f"column {exc.start + 1} ({exc.reason})",
+                2,
+            )
         if not line.strip():
             continue
-        item = _parse_json(line, f"{path} line {number}")
+        item = _parse_json(line, where)
         if not isinstance(item, dict):
-            fail(f"{path} line {number}: expected a JSON object", 2)
-        items.append(item)
+            fail(f"{where}: expected a JSON object", 2)
+        items.append((number, item))
     return items
+
+
+def _source(path: Path | None) -> str:
+    """Name a --from-file source in messages: its path, or stdin for '-'."""
+    return "stdin" if str(path) == "-" else str(path)
+
+
+def _check_items(
+    source: str, lines: list[tuple[int, dict[str, Any]]], max_payload_bytes: int
+) -> list[dict[str, Any]]:
+    """Check each task as submit_many will; exit 2 naming the first bad line."""
+    for number, item in lines:
+        try:
+            check_submit_item(item, max_payload_bytes)
+        except ProtocolError as exc:
+            fail(f"{source} line {number}: {exc}", 2)
+    return [item for _, item in lines]

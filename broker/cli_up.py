@@ -3,16 +3,21 @@
 The children are `python -m broker.cli broker|worker ...` in their own
 sessions, with output in one log file each, so Ctrl-C reaches only this
 process, which then stops the workers (letting them drain) before the broker.
+On Linux each child also gets SIGTERM when this process dies, even by SIGKILL
+(PR_SET_PDEATHSIG), so no broker or worker outlives `up`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -30,6 +35,8 @@ WORKER_STOP_S = 15.0
 #: Seconds the broker gets to exit after SIGTERM before SIGKILL.
 BROKER_STOP_S = 10.0
 CLI = [sys.executable, "-m", "broker.cli"]
+#: prctl option: the signal a process gets when the thread that forked it dies.
+PR_SET_PDEATHSIG = 1
 
 
 class Children:
@@ -48,6 +55,7 @@ class Children:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent(),
             )
         self.procs[name] = proc
         return proc
@@ -79,17 +87,49 @@ class Children:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """Return a preexec_fn giving the child SIGTERM when this process dies.
+
+    Linux only (prctl PR_SET_PDEATHSIG); None where prctl is missing. The
+    signal fires when the thread that started the child ends, so children
+    are started from the main thread, which lives as long as `up`.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+    sig = ctypes.c_ulong(int(signal.SIGTERM))
+    zero = ctypes.c_ulong(0)
+
+    def preexec() -> None:
+        prctl(ctypes.c_int(PR_SET_PDEATHSIG), sig, zero, zero, zero)
+        if os.getppid() != parent:
+            # `up` died between fork and prctl: nobody would stop this child.
+            os._exit(1)
+
+    return preexec
+
+
 def run_up(
     settings: BrokerSettings,
     *,
     workers: int,
-    capacity: int,
+    capacity: int | None,
+    worker_capacity: int,
     tasks: tuple[str, ...],
     demo: Path | None,
     log_dir: Path | None,
     config: Path | None,
 ) -> int:
-    """Start everything, serve or run the demo, stop everything; return exit code."""
+    """Start everything, serve or run the demo, stop everything; return exit code.
+
+    `capacity` is passed to the workers only when given, so the [worker]
+    table and HAKOBU_CAPACITY apply otherwise; `worker_capacity` is what they
+    will use, for the layout.
+    """
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="hakobu-up-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     children = Children(log_dir)
@@ -113,7 +153,7 @@ def run_up(
             if problem:
                 typer.echo(f"error: {problem}", err=True)
                 return 1
-            _print_layout(settings, ids, capacity, children, log_dir)
+            _print_layout(settings, ids, worker_capacity, children, log_dir)
             if demo is not None:
                 from broker.cli_demo import run_demo
 
@@ -151,11 +191,13 @@ def _broker_args(settings: BrokerSettings, config: Path | None) -> list[str]:
 def _worker_args(
     settings: BrokerSettings,
     worker_id: str,
-    capacity: int,
+    capacity: int | None,
     tasks: tuple[str, ...],
     config: Path | None,
 ) -> list[str]:
-    args = ["worker", "--id", worker_id, "--capacity", str(capacity)]
+    args = ["worker", "--id", worker_id]
+    if capacity is not None:
+        args += ["--capacity", str(capacity)]
     args += ["--broker", connectable(settings.workers_endpoint)]
     for module in tasks:
         args += ["--tasks", module]

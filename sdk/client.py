@@ -31,12 +31,14 @@ from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import zmq
 from loguru import logger
 from zmq.utils.monitor import parse_monitor_message
 
 from config.errors import ConfigError
 from config.settings import (
+    DEFAULT_MAX_PAYLOAD_BYTES,
     ClientSettings,
     load_client_settings,
     replace,
@@ -59,6 +61,9 @@ WAIT_CHUNK_S = 30.0
 #: Resends per request after a disconnect or a stray reply, before they count
 #: as retries.
 MAX_FREE_RESENDS = 10
+#: Requests whose largest frame is bigger than this get a size hint when they
+#: go unanswered: a broker with a smaller max_payload_bytes drops such frames.
+LARGE_REQUEST_BYTES = 1 << 20
 
 _LOST = object()
 
@@ -219,7 +224,7 @@ class Client:
         limit = self.settings.max_payload_bytes
         bodies = [_submit_body(limit, *_spread(item)) for item in tasks]
         handles: list[TaskHandle] = []
-        for batch in _batches(bodies, self.settings.max_payload_bytes):
+        for batch in _batches(bodies, limit):
             data = self._call(functools.partial(protocol.SubmitMany, tasks=batch))
             ids = _field(data, "ids", list)
             created = data.get("created") or [True] * len(ids)
@@ -296,8 +301,9 @@ class Client:
             failures, free = 0, MAX_FREE_RESENDS
             while True:
                 message = build(rid)
+                frames = message.encode()
                 try:
-                    reply = self._exchange(channel, message, rid)
+                    reply = self._exchange(channel, message, frames, rid)
                 except BaseException:
                     # NOTE: a REQ socket left between send and reply (Ctrl-C, a
                     # bad reply) would refuse the next send with EFSM.
@@ -325,20 +331,34 @@ class Client:
             self._log.warning(
                 "client.unavailable command={} attempts={}", command, attempts
             )
+            size = max(len(frame) for frame in frames)
+            hint = ""
+            if size > LARGE_REQUEST_BYTES:
+                hint = (
+                    f"; the request was {size} bytes, and a broker with a smaller "
+                    "max_payload_bytes drops such frames without a reply"
+                )
             raise BrokerUnavailable(
                 f"no reply from the broker at {self.endpoint} within {wait_s:g} s, "
                 f"{attempts} attempt(s); is it running? (setting clients_endpoint / "
-                "HAKOBU_CLIENTS_ENDPOINT, request_timeout_s, request_retries)"
+                f"HAKOBU_CLIENTS_ENDPOINT, request_timeout_s, request_retries){hint}"
             )
 
     def _exchange(
-        self, channel: _Channel, message: protocol.Message, rid: int
+        self,
+        channel: _Channel,
+        message: protocol.Message,
+        frames: list[bytes],
+        rid: int,
     ) -> object:
-        """Send once and return the reply, _LOST (resend now) or None (timed out)."""
+        """Send `message` (as `frames`) once: the reply, _LOST or None (timeout).
+
+        _LOST means resend now: the connection dropped or a stray reply came.
+        """
         sock = channel.open()
         channel.disconnected()
         try:
-            sock.send_multipart(message.encode(), flags=zmq.NOBLOCK)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.Again:
             return None
         deadline = time.monotonic() + _wait_s(message, self.settings.request_timeout_s)
@@ -436,8 +456,31 @@ SUBMIT_OPTIONS = tuple(
     for f in dataclasses.fields(protocol.Submit)
     if f.name not in ("rid", "name", "payload")
 )
+# NOTE: the bounds below mirror broker/validation.py, which refuses the same
+# requests; checking them here fails fast, before anything is sent.
 #: Longest submit key, in characters.
 MAX_KEY_CHARS = 200
+#: Largest absolute priority the broker accepts.
+MAX_PRIORITY = 1_000_000
+#: Most retries the broker accepts for one task.
+MAX_RETRIES = 1000
+#: Longest tag of a task, in characters.
+MAX_TAG_CHARS = 100
+#: Longest duration (fallback_after, start_deadline, delay, timeout): 10 years.
+MAX_DURATION_S = 315_360_000.0
+
+
+def check_submit_item(
+    item: dict[str, Any] | tuple[Any, ...],
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+) -> None:
+    """Check one submit_many item as submit_many would, sending nothing.
+
+    Raises:
+        InvalidRequest: the item or one of its keywords is refused.
+        PayloadTooLarge, ProtocolError: its payload cannot be sent.
+    """
+    _submit_body(max_payload_bytes, *_spread(item))
 
 
 def _submit_body(
@@ -452,12 +495,7 @@ def _submit_body(
     if unknown:
         raise InvalidRequest(f"unknown submit keyword(s): {', '.join(unknown)}")
     _check_text("name", name, protocol.MAX_NAME_CHARS)
-    preferred = options.get("preferred_worker")
-    if preferred is not None:
-        try:
-            validate_worker_id(preferred)
-        except ConfigError as exc:
-            raise InvalidRequest(f"preferred_worker: {exc}") from exc
+    preferred = _preferred_worker(options.get("preferred_worker"))
     require = options.get("require_worker", False)
     if not isinstance(require, bool):
         raise InvalidRequest(f"require_worker must be a bool, not {require!r}")
@@ -467,6 +505,7 @@ def _submit_body(
     if key is None:
         key = uuid.uuid4().hex
     _check_text("key", key, MAX_KEY_CHARS)
+    priority = options.get("priority", 0)
 
     return {
         "name": name,
@@ -476,12 +515,29 @@ def _submit_body(
         "require_worker": require,
         "fallback_after": _seconds("fallback_after", options.get("fallback_after")),
         "start_deadline": _seconds("start_deadline", options.get("start_deadline")),
-        "priority": _integer("priority", options.get("priority", 0), low=-(2**31)),
+        "priority": _integer("priority", priority, -MAX_PRIORITY, MAX_PRIORITY),
         "tags": _tags(options.get("tags", ())),
         "delay": _seconds("delay", options.get("delay")),
         "timeout": _seconds("timeout", options.get("timeout"), positive=True),
-        "retries": _integer("retries", options.get("retries", 0), low=0),
+        "retries": _integer("retries", options.get("retries", 0), 0, MAX_RETRIES),
     }
+
+
+def _preferred_worker(value: Any) -> str | None:
+    """Return a valid preferred worker id, or None; refuse anything else."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            f"preferred_worker must be a str, not {type(value).__name__} "
+            f"({value!r:.80})"
+        )
+    if not value:
+        raise InvalidRequest("preferred_worker must be a worker id, not empty")
+    try:
+        return validate_worker_id(value)
+    except ConfigError as exc:
+        raise InvalidRequest(f"preferred_worker: {exc}") from exc
 
 
 def _spread(item: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -501,14 +557,25 @@ def _spread(item: Any) -> tuple[Any, Any, dict[str, Any]]:
     )
 
 
+def _envelope_bytes() -> int:
+    """Return the bytes a SUBMIT_MANY request takes besides its task bodies."""
+    empty = protocol.SubmitMany(rid=2**64 - 1, tasks=[]).encode()
+    # An empty array header is 1 byte; a header for any longer list is at most 5.
+    return sum(len(frame) for frame in empty) + 4
+
+
 def _batches(bodies: list[dict[str, Any]], limit: int) -> list[list[dict[str, Any]]]:
-    """Group bodies into SUBMIT_MANY requests that fit the broker's frame limit."""
-    room = protocol.maxmsgsize(limit) - 1024
+    """Group bodies into SUBMIT_MANY requests that fit the broker's frame limit.
+
+    Each body is packed to learn its real size, so a request (all its frames
+    together) never exceeds protocol.maxmsgsize(limit); a body too big to share
+    a request goes alone.
+    """
+    room = protocol.maxmsgsize(limit) - _envelope_bytes()
     groups: list[list[dict[str, Any]]] = []
     size = room
     for body in bodies:
-        # Every field but the payload is small; 512 bytes bounds them generously.
-        cost = len(body["payload"]) + 512
+        cost = len(msgpack.packb(body, use_bin_type=True))
         if size + cost > room:
             groups.append([])
             size = 0
@@ -526,7 +593,11 @@ def _check_text(what: str, value: Any, longest: int) -> None:
 
 
 def _seconds(what: str, value: Any, positive: bool = False) -> float | None:
-    """Return a duration in seconds, or None; refuse negatives and non-numbers."""
+    """Return a duration in seconds, or None; refuse anything else.
+
+    Negatives, non-numbers, NaN, infinities and durations over MAX_DURATION_S
+    are refused before anything is sent.
+    """
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -534,15 +605,21 @@ def _seconds(what: str, value: Any, positive: bool = False) -> float | None:
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         bound = "above 0" if positive else "0 or more"
         raise InvalidRequest(f"{what} must be a finite number of seconds {bound}")
+    if value > MAX_DURATION_S:
+        raise InvalidRequest(
+            f"{what}={value:g} s is over the limit of {MAX_DURATION_S:.0f} s (10 years)"
+        )
     return float(value)
 
 
-def _integer(what: str, value: Any, low: int) -> int:
-    """Return an int between `low` and 2**31 - 1, or refuse it."""
+def _integer(what: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
+    """Return an int between `low` and `high`, or refuse it."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequest(f"{what} must be an int, not {value!r:.80}")
-    if not low <= value < 2**31:
-        raise InvalidRequest(f"{what}={value} is out of range ({low} to {2**31 - 1})")
+    if not low <= value <= high:
+        raise InvalidRequest(
+            f"{what}={value} is out of range: the broker accepts {low} to {high}"
+        )
     return value
 
 
@@ -554,7 +631,7 @@ def _tags(value: Any) -> list[str]:
     if len(tags) > protocol.MAX_TAGS:
         raise InvalidRequest(f"{len(tags)} tags, at most {protocol.MAX_TAGS}")
     for tag in tags:
-        _check_text("a tag", tag, protocol.MAX_NAME_CHARS)
+        _check_text("a tag", tag, MAX_TAG_CHARS)
     return tags
 
 

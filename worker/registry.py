@@ -39,6 +39,8 @@ class Handler:
 _HANDLERS: dict[str, Handler] = {}
 #: Names a script's module has: run directly, or re-imported in a spawn child.
 _MAIN_MODULES = frozenset({"__main__", "__mp_main__"})
+#: What a task module that cannot be imported is told to check.
+IMPORT_HINT = "is it on PYTHONPATH? run from its folder with PYTHONPATH=."
 
 
 @overload
@@ -131,14 +133,16 @@ def import_task_modules(module_names: Iterable[str]) -> list[str]:
     for module_name in module_names:
         if not isinstance(module_name, str) or not module_name.strip():
             raise ConfigError(f"invalid task module name {module_name!r}")
+        name = module_name.strip()
         try:
-            importlib.import_module(module_name.strip())
+            importlib.import_module(name)
         except Exception as exc:  # any import-time failure is a setup error
+            # One line: a SyntaxError or a custom message may span several.
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
             raise ConfigError(
-                f"cannot import task module {module_name!r}: "
-                f"{type(exc).__name__}: {exc} (check --tasks and PYTHONPATH)"
+                f"cannot import task module {name!r}: {reason} ({IMPORT_HINT})"
             ) from exc
-        imported.append(module_name.strip())
+        imported.append(name)
     return imported
 
 

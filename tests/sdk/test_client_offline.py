@@ -5,6 +5,7 @@ against nothing or a small fake broker ROUTER run by the test."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -13,10 +14,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 from helpers.waiting import free_port, wait_until
 
+from broker import validation
 from config.settings import ClientSettings
 from sdk import (
     BrokerUnavailable,
@@ -28,6 +31,7 @@ from sdk import (
     TaskFailed,
     TaskNotFound,
 )
+from sdk import client as client_module
 from sdk import protocol as p
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -72,10 +76,17 @@ def echo_broker(request: p.Message) -> Plan:
 class FakeBroker:
     """A clients ROUTER in a thread that answers each request by `answer`."""
 
-    def __init__(self, answer: Callable[[p.Message], Plan], port: int = 0) -> None:
+    def __init__(
+        self,
+        answer: Callable[[p.Message], Plan],
+        port: int = 0,
+        maxmsgsize: int = -1,
+    ) -> None:
         self.answer = answer
         self.requests: list[p.Message] = []
         self.port = port
+        #: Like the broker's ZMQ_MAXMSGSIZE: a bigger frame drops the connection.
+        self.maxmsgsize = maxmsgsize
         self._stop = threading.Event()
         self.sent = 0
         self._error: zmq.ZMQError | None = None
@@ -94,6 +105,7 @@ class FakeBroker:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.maxmsgsize)
         try:
             if self.port:
                 sock.bind(self.endpoint)
@@ -133,8 +145,12 @@ def fake() -> Iterator[Callable[..., FakeBroker]]:
     """Start fake brokers on demand; all are stopped at teardown."""
     started: list[FakeBroker] = []
 
-    def start(answer: Callable[[p.Message], Plan] = echo_broker, port: int = 0):
-        broker = FakeBroker(answer, port)
+    def start(
+        answer: Callable[[p.Message], Plan] = echo_broker,
+        port: int = 0,
+        maxmsgsize: int = -1,
+    ):
+        broker = FakeBroker(answer, port, maxmsgsize)
         started.append(broker)
         return broker
 
@@ -164,6 +180,25 @@ def test_silent_endpoint_raises_broker_unavailable_within_the_retry_bound() -> N
     assert isinstance(caught.value, TimeoutError)
     assert endpoint in str(caught.value)
     assert "request_timeout_s" in str(caught.value)
+    assert "bytes" not in str(caught.value)  # small requests get no size hint
+
+
+@pytest.mark.timeout(20)
+def test_unanswered_large_request_names_its_size_and_the_frame_limit(fake) -> None:
+    # Given a broker whose frame limit (max_payload_bytes 1 MiB - slack) is
+    # below a 1.5 MiB payload the client's default 16 MiB setting allows
+    broker = fake(maxmsgsize=1 << 20)
+    with Client(broker.endpoint, request_timeout=0.3, retries=0) as client:
+        # When the client sends it, the broker drops the frame and never answers
+        with pytest.raises(BrokerUnavailable) as caught:
+            client.submit("echo", b"x" * (3 << 19))
+
+    # Then the error says how big the request was and why it may be dropped
+    message = str(caught.value)
+    size = int(re.search(r"the request was (\d+) bytes", message).group(1))
+    assert 3 << 19 < size < (3 << 19) + 1024
+    assert "a broker with a smaller max_payload_bytes drops such frames" in message
+    assert broker.requests == []
 
 
 @pytest.mark.timeout(60)
@@ -254,6 +289,15 @@ def test_unpackable_payload_is_refused_before_sending(fake, value: Any) -> None:
         (("echo",), {"preferred_worker": ""}),
         (("echo",), {"preferred_worker": "w\x00"}),
         (("echo",), {"key": ""}),
+        # Bounds the broker enforces (broker/validation.py), refused locally.
+        (("echo",), {"priority": 1_000_001}),
+        (("echo",), {"priority": -1_000_001}),
+        (("echo",), {"retries": 1001}),
+        (("echo",), {"tags": ["x" * 101]}),
+        (("echo",), {"delay": 315_360_000.5}),
+        (("echo",), {"timeout": 1e12}),
+        (("echo",), {"fallback_after": 315_360_001}),
+        (("echo",), {"start_deadline": 4e8}),
     ],
 )
 def test_bad_submit_arguments_raise_invalid_request(
@@ -265,6 +309,54 @@ def test_bad_submit_arguments_raise_invalid_request(
             client.submit(*args, **kwargs)
 
     assert broker.requests == []
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"priority": 2_000_000}, "the broker accepts -1000000 to 1000000"),
+        ({"preferred_worker": 123}, "preferred_worker must be a str, not int"),
+        ({"preferred_worker": b"w1"}, "preferred_worker must be a str, not bytes"),
+        ({"preferred_worker": ""}, "preferred_worker must be a worker id, not empty"),
+        ({"delay": 4e8}, "delay=4e+08 s is over the limit of 315360000 s (10 years)"),
+    ],
+)
+def test_refusals_say_what_is_wrong(fake, kwargs: dict[str, Any], message: str) -> None:
+    broker = fake()
+    with Client(broker.endpoint, request_timeout=2) as client:
+        with pytest.raises(InvalidRequest) as caught:
+            client.submit("echo", **kwargs)
+
+    assert message in str(caught.value)
+    assert "--id" not in str(caught.value)
+    assert broker.requests == []
+
+
+@pytest.mark.timeout(20)
+def test_values_at_the_broker_bounds_are_sent(fake) -> None:
+    broker = fake()
+    bounds: dict[str, Any] = {
+        "priority": -1_000_000,
+        "retries": 1000,
+        "tags": ["t" * 100],
+        "delay": 315_360_000,
+        "timeout": 315_360_000.0,
+        "fallback_after": 0,
+        "start_deadline": 315_360_000,
+    }
+    with Client(broker.endpoint, request_timeout=2) as client:
+        client.submit("echo", key="low", **bounds)
+        client.submit("echo", key="high", priority=1_000_000)
+
+    assert [r.priority for r in broker.requests] == [-1_000_000, 1_000_000]  # type: ignore[attr-defined]
+
+
+def test_local_bounds_mirror_the_broker() -> None:
+    assert client_module.MAX_PRIORITY == validation.MAX_PRIORITY
+    assert client_module.MAX_RETRIES == validation.MAX_RETRIES
+    assert client_module.MAX_TAG_CHARS == validation.MAX_TAG_CHARS
+    assert client_module.MAX_KEY_CHARS == validation.MAX_KEY_CHARS
 
 
 @pytest.mark.timeout(20)
@@ -443,6 +535,38 @@ def test_submit_many_splits_by_size_and_keeps_order(fake) -> None:
     batches = [r for r in broker.requests if isinstance(r, p.SubmitMany)]
     assert len(batches) >= 2
     assert all(p.maxmsgsize(1024) > len(b"".join(b.encode())) for b in batches)
+
+
+@pytest.mark.timeout(20)
+def test_submit_many_sizes_batches_from_encoded_bodies_not_payloads(fake) -> None:
+    # Given a broker that drops frames over its limit, and tasks whose small
+    # payloads come with large keys, tags and worker ids (~13 KiB each)
+    limit = p.maxmsgsize(1024)
+    broker = fake(maxmsgsize=limit)
+    settings = ClientSettings(clients_endpoint=broker.endpoint, max_payload_bytes=1024)
+    items = [
+        {
+            "name": "n" * 200,
+            "payload": b"x" * 900,
+            "key": f"{i:03d}" + "k" * 197,
+            "tags": [f"{t:02d}" + "t" * 98 for t in range(64)],
+            "preferred_worker": "w" * 255,
+            "priority": i,
+        }
+        for i in range(40)
+    ]
+
+    # When they are submitted together
+    with Client(settings=settings, request_timeout=2, retries=0) as client:
+        handles = client.submit_many(items)
+
+    # Then every batch arrived within the frame limit, each as full as fits
+    assert [h.id for h in handles] == [item["key"] for item in items]
+    batches = [r for r in broker.requests if isinstance(r, p.SubmitMany)]
+    sizes = [sum(len(f) for f in b.encode()) for b in batches]
+    assert len(batches) >= 5 and max(sizes) <= limit
+    body = len(msgpack.packb(batches[0].tasks[0], use_bin_type=True))
+    assert all(size + body > limit for size in sizes[:-1])
 
 
 @pytest.mark.timeout(20)
