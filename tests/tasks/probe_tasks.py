@@ -146,9 +146,17 @@ def probe_fork(payload: Any, ctx: Any) -> str:
     if kind == "subprocess":
         subprocess.run(["true"], check=True, timeout=10)
     elif kind == "pool":
-        with multiprocessing.get_context("fork").Pool(2) as pool:
-            if pool.map(_square, range(4)) != [0, 1, 4, 9]:
-                raise RuntimeError("pool returned a wrong answer")
+        # close() + join(), not the with-block's terminate(): terminate() can
+        # deadlock inside CPython's Pool when it races idle workers that hold
+        # the task queue's read lock (seen about 1 run in 30 under load).
+        pool = multiprocessing.get_context("fork").Pool(2)
+        try:
+            answer = pool.map(_square, range(4))
+        finally:
+            pool.close()
+            pool.join()
+        if answer != [0, 1, 4, 9]:
+            raise RuntimeError("pool returned a wrong answer")
     elif kind == "fork":
         pid = os.fork()
         if pid == 0:
