@@ -203,9 +203,10 @@ class ClientDesk:
             for task in tasks:
                 task["result"] = None
             return protocol.Ok(rid=rid, data={"tasks": tasks})
-        data = self._task_map(msg.id)  # type: ignore[attr-defined]
+        task_id = cast(protocol.Status | protocol.Wait | protocol.Cancel, msg).id
+        data = self._task_map(task_id)
         if data is None:
-            return _error(rid, "TaskNotFound", f"no task with id {msg.id!r}")  # type: ignore[attr-defined]
+            return _error(rid, "TaskNotFound", f"no task with id {task_id!r}")
         if isinstance(msg, protocol.Wait) and data["state"] in (
             "queued",
             "assigned",

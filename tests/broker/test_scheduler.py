@@ -17,7 +17,8 @@ class Harness:
     def __init__(self, **settings: object) -> None:
         defaults = {"heartbeat_interval_s": 1.0, "liveness": 3, "ack_timeout_s": 2.0}
         defaults.update(settings)
-        self.sched = Scheduler(BrokerSettings(**defaults), self._payload)  # type: ignore[arg-type]
+        settings = BrokerSettings(**defaults)  # type: ignore[arg-type]
+        self.sched = Scheduler(settings, self._payload)
         self.now = 100.0
         self.wall = 1_000_000.0
         self.sends: list[tuple[str, protocol.Message]] = []
@@ -59,7 +60,13 @@ class Harness:
     def submit(self, name: str = "echo", **kw: object) -> str:
         self.count += 1
         task_id = f"t{self.count:03d}"
-        request = protocol.Submit(rid=1, name=name, payload=b"\xc0", key=task_id, **kw)  # type: ignore[arg-type]
+        request = protocol.Submit(
+            rid=1,
+            name=name,
+            payload=b"\xc0",
+            key=task_id,
+            **kw,  # type: ignore[arg-type]
+        )
         self.sched.submit(request, task_id)
         return task_id
 
