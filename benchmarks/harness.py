@@ -10,7 +10,6 @@ is timed by the client around each `submit` + `result` pair.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import shutil
 import sqlite3
 import statistics
@@ -246,8 +245,3 @@ def _histogram(values: list[float]) -> list[list[float]]:
                 counts[index] += 1
                 break
     return [[edge, float(n)] for edge, n in zip(edges, counts, strict=True) if n]
-
-
-def default_processes() -> int:
-    """Return how many cores this machine has, for the report."""
-    return os.cpu_count() or 1

@@ -61,10 +61,6 @@ class Queues:
             if version == task.queue_version and task.state == "queued":
                 yield task
 
-    def next_due(self) -> float | None:
-        """Return the Unix time the next delayed task is due, if any."""
-        return self.delayed[0][0] if self.delayed else None
-
     def pick(self, worker: WorkerState) -> tuple[TaskState, str] | None:
         """Pop the task this worker should run next, with where it came from."""
         best: tuple[Entry, list[Entry], str] | None = None
@@ -81,10 +77,6 @@ class Queues:
         """Return the live tasks that prefer (not require) this worker."""
         heap = self.preferred.get(worker_id, [])
         return [e[3] for e in heap if _live(e)]
-
-    def has_work_for(self, worker: WorkerState) -> bool:
-        """Whether any queued task could go to this worker."""
-        return any(_head(heap) is not None for heap, _ in self._sources(worker))
 
     def _sources(self, worker: WorkerState) -> Iterator[tuple[list[Entry], str]]:
         heap = self.pinned.get(worker.id)

@@ -814,15 +814,6 @@ class Scheduler:
             and task.worker_id == worker.id
         )
 
-    def info(self) -> dict[str, Any]:
-        """Return counters for the stop summary and diagnostics."""
-        return {
-            "live_tasks": len(self.tasks),
-            "workers": sum(1 for w in self.workers.values() if w.state == "online"),
-            "pending_notes": len(self.notes),
-            "resends": self.resends,
-        }
-
 
 def recover(
     scheduler: Scheduler,

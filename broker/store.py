@@ -32,8 +32,6 @@ BUSY_TIMEOUT_MS = 30_000
 COMMIT_TRIES = 5
 
 TASK_COLUMNS = tuple(Task._meta.sorted_field_names)
-NOTE_COLUMNS = tuple(WorkerNotification._meta.sorted_field_names)
-WORKER_COLUMNS = tuple(Worker._meta.sorted_field_names)
 
 
 @dataclass
