@@ -232,6 +232,17 @@ class Cluster:
 
     # --- clients and state ---------------------------------------------------
 
+    def cli(self, *args: str, timeout_s: float = 30.0) -> Any:
+        """Run `hakobu ARGS --endpoint <clients endpoint>`; return what it did."""
+        return subprocess.run(
+            [*CLI, *args, "--endpoint", self.clients_endpoint],
+            cwd=self.dir,
+            env=self.base_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+
     def client(self, request_timeout: float = 5.0, **kwargs: Any) -> Any:
         """Return an `sdk.Client` on the clients endpoint, closed at teardown."""
         from sdk import Client

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 
 import pytest
@@ -30,16 +29,7 @@ CLI_TIMEOUT_S = 30.0
 
 def hakobu(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `hakobu ARGS --endpoint <clients endpoint>` and return what it did."""
-    command = [sys.executable, "-m", "broker.cli", *args]
-    command += ["--endpoint", cluster.clients_endpoint]
-    return subprocess.run(
-        command,
-        cwd=cluster.dir,
-        env=cluster.base_env(),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
+    return cluster.cli(*args, timeout_s=CLI_TIMEOUT_S)  # type: ignore[no-any-return]
 
 
 def start(cluster: Cluster, capacity: int = 1) -> Client:

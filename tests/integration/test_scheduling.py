@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,16 +24,7 @@ CLI_TIMEOUT_S = 30.0
 
 def hakobu(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     """Run `hakobu ARGS --endpoint <clients endpoint>` and return what it did."""
-    command = [sys.executable, "-m", "broker.cli", *args]
-    command += ["--endpoint", cluster.clients_endpoint]
-    return subprocess.run(
-        command,
-        cwd=cluster.dir,
-        env=cluster.base_env(),
-        capture_output=True,
-        text=True,
-        timeout=CLI_TIMEOUT_S,
-    )
+    return cluster.cli(*args, timeout_s=CLI_TIMEOUT_S)  # type: ignore[no-any-return]
 
 
 def wait_running(client: Client, ledger: Ledger, *task_ids: str) -> None:
