@@ -130,7 +130,9 @@ class Chaos(threading.Thread):
                 self.procs.restart(proc)
 
 
-def progress(stats: Stats, total: int, started_at: float, stop: threading.Event):
+def progress(
+    stats: Stats, total: int, started_at: float, stop: threading.Event
+) -> None:
     """Print one progress line every two seconds until `stop` is set."""
     while not stop.wait(2.0):
         print(

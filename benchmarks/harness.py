@@ -175,9 +175,8 @@ def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, A
                 handles += client.submit_many([{"name": "echo"}] * size)
         else:
             handles = [client.submit("echo", None) for _ in range(count)]
-        for handle in handles:
-            handle.result(timeout=300)
-            ids.append(handle.id)
+        client.gather(handles, timeout=300)
+        ids = [handle.id for handle in handles]
     return {"ids": ids, "latencies_ms": latencies}
 
 

@@ -58,6 +58,14 @@ LogLevel = Annotated[
 LogJson = Annotated[
     bool, typer.Option("--log-json", help="Log JSON lines instead of text.")
 ]
+Retention = Annotated[
+    float | None,
+    typer.Option(
+        "--retention",
+        help="Seconds a succeeded, failed or cancelled task stays in the store "
+        "before it is pruned; 0 keeps every task (default 86400, one day).",
+    ),
+]
 
 
 def main() -> None:
@@ -121,6 +129,7 @@ def broker(
         int | None,
         typer.Option(help="Largest payload or result, packed (default 16 MiB)."),
     ] = None,
+    retention: Retention = None,
     log_level: LogLevel = None,
     log_json: LogJson = False,
 ) -> None:
@@ -138,6 +147,7 @@ def broker(
             fallback_after_s=fallback_after,
             max_attempts=max_attempts,
             max_payload_bytes=max_payload_bytes,
+            retention_s=retention,
             log_level=log_level,
             log_json=log_json or None,
         )
@@ -276,6 +286,7 @@ def up(
             help="Folder for the processes' logs (default: a new temporary folder)."
         ),
     ] = None,
+    retention: Retention = None,
     config: ConfigFile = None,
 ) -> None:
     """Start a broker and N local workers (local_001, ...) until Ctrl-C."""
@@ -287,6 +298,7 @@ def up(
             db=db,
             workers_endpoint=workers_endpoint,
             clients_endpoint=clients_endpoint,
+            retention_s=retention,
         )
         # The workers read these settings themselves; loading them here only
         # refuses bad ones early and tells the layout their capacity.

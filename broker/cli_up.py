@@ -184,6 +184,8 @@ def _broker_args(settings: BrokerSettings, config: Path | None) -> list[str]:
         settings.clients_endpoint,
         "--db",
         settings.db,
+        "--retention",
+        repr(settings.retention_s),
     ]
     return args + (["--config", str(config)] if config else [])
 

@@ -22,26 +22,34 @@ from broker.validation import check_submit
 from sdk import protocol
 from sdk.errors import DecodeError
 
-#: Idempotency keys remembered in memory (older ones are looked up on disk).
-KEY_CACHE_SIZE = 200_000
+#: Idempotency keys remembered in memory (older ones are looked up on disk);
+#: enough for the retries of every request in flight.
+KEY_CACHE_SIZE = 10_000
 #: Longest a single WAIT may be parked, in seconds.
 MAX_WAIT_S = 3600.0
 #: Ended tasks kept in memory for the WAIT and STATUS that usually follow.
 RECENT_ENDED = 20_000
 #: Results larger than this are read back from the store instead.
 RECENT_RESULT_BYTES = 64 * 1024
+#: Most result, error and traceback bytes the recent cache holds in all.
+RECENT_BYTES = 32 * 1024 * 1024
+#: Most ids in one WAIT_MANY request.
+MAX_WAIT_MANY_IDS = 1000
+_OPEN_STATES = ("queued", "assigned", "running")
 
 Reply = tuple[bytes, protocol.Message]
 
 
 @dataclass(order=True)
 class Waiter:
-    """A parked WAIT request."""
+    """A parked WAIT (one id) or WAIT_MANY (`many`, several ids) request."""
 
     deadline: float
     identity: bytes = field(compare=False)
     rid: int = field(compare=False)
-    task_id: str = field(compare=False)
+    ids: list[str] = field(compare=False)
+    pending: set[str] = field(compare=False)
+    many: bool = field(default=False, compare=False)
     is_done: bool = field(default=False, compare=False)
 
 
@@ -54,6 +62,7 @@ class ClientDesk:
         self.max_payload_bytes = max_payload_bytes
         self.keys: OrderedDict[str, str] = OrderedDict()
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._recent_bytes = 0
         self.waiters: dict[str, list[Waiter]] = {}
         self._wait_heap: list[Waiter] = []
         self._reads: list[tuple[bytes, protocol.Message]] = []
@@ -149,6 +158,15 @@ class ClientDesk:
         logger.debug("task.submitted task={} name={}", task.id, task.name)
         return task
 
+    def forget(self, task_ids: list[str], keys: list[str]) -> None:
+        """Drop what memory holds of tasks pruned from the store."""
+        for task_id in task_ids:
+            data = self.recent.pop(task_id, None)
+            if data is not None:
+                self._recent_bytes -= _size(data)
+        for key in keys:
+            self.keys.pop(key, None)
+
     # --- after the commit ----------------------------------------------------------
 
     def after_commit(
@@ -158,12 +176,11 @@ class ClientDesk:
         for task in ended:
             data = task.wire()
             for waiter in self.waiters.pop(task.id, []):
-                waiter.is_done = True
-                replies.append((waiter.identity, _task_reply(waiter.rid, data)))
-            if task.result is None or len(task.result) <= RECENT_RESULT_BYTES:
-                self.recent[task.id] = data
-        while len(self.recent) > RECENT_ENDED:
-            self.recent.popitem(last=False)
+                waiter.pending.discard(task.id)
+                if not waiter.pending:
+                    waiter.is_done = True
+                    replies.append((waiter.identity, self._wake(waiter, data)))
+            self._remember(task.id, data)
         reads, self._reads = self._reads, []
         for identity, msg in reads:
             replies.append((identity, self._read(identity, msg, now)))
@@ -172,9 +189,44 @@ class ClientDesk:
             waiter = heapq.heappop(self._wait_heap)
             if waiter.is_done:
                 continue
-            self.waiters.get(waiter.task_id, []).remove(waiter)
-            current = self._task_map(waiter.task_id)
-            replies.append((waiter.identity, _task_reply(waiter.rid, current)))
+            waiter.is_done = True
+            for task_id in waiter.pending:
+                self.waiters[task_id].remove(waiter)
+                if not self.waiters[task_id]:
+                    del self.waiters[task_id]
+            replies.append((waiter.identity, self._wake(waiter, None)))
+
+    def _remember(self, task_id: str, data: dict[str, Any]) -> None:
+        size = _size(data)
+        if size > RECENT_RESULT_BYTES:
+            return
+        self.recent[task_id] = data
+        self._recent_bytes += size
+        while len(self.recent) > RECENT_ENDED or self._recent_bytes > RECENT_BYTES:
+            _, old = self.recent.popitem(last=False)
+            self._recent_bytes -= _size(old)
+
+    def _wake(self, waiter: Waiter, data: dict[str, Any] | None) -> protocol.Message:
+        """Build the reply of a waiter that is done or out of time."""
+        if not waiter.many:
+            current = data if data is not None else self._task_map(waiter.ids[0])
+            return _task_reply(waiter.rid, current)
+        return self._many_reply(waiter.rid, waiter.ids)
+
+    def _many_reply(self, rid: int, ids: list[str]) -> protocol.Message:
+        maps: list[dict[str, Any]] = []
+        budget = self.max_payload_bytes
+        for task_id in ids:
+            data = self._task_map(task_id)
+            if data is None:
+                return _error(rid, "TaskNotFound", f"no task with id {task_id!r}")
+            size = _size(data)
+            if maps and size > budget:
+                data = {"id": task_id, "state": data["state"], "omitted": True}
+            else:
+                budget -= size
+            maps.append(data)
+        return protocol.Ok(rid=rid, data={"tasks": maps})
 
     @property
     def has_reads(self) -> bool:
@@ -203,21 +255,41 @@ class ClientDesk:
             for task in tasks:
                 task["result"] = None
             return protocol.Ok(rid=rid, data={"tasks": tasks})
+        if isinstance(msg, protocol.WaitMany):
+            return self._wait_many(identity, msg, now)
         task_id = cast(protocol.Status | protocol.Wait | protocol.Cancel, msg).id
         data = self._task_map(task_id)
         if data is None:
             return _error(rid, "TaskNotFound", f"no task with id {task_id!r}")
-        if isinstance(msg, protocol.Wait) and data["state"] in (
-            "queued",
-            "assigned",
-            "running",
-        ):
-            timeout = min(max(msg.timeout, 0.0), MAX_WAIT_S)
-            waiter = Waiter(now + timeout, identity, rid, msg.id)
-            self.waiters.setdefault(msg.id, []).append(waiter)
-            heapq.heappush(self._wait_heap, waiter)
+        if isinstance(msg, protocol.Wait) and data["state"] in _OPEN_STATES:
+            self._park(Waiter(now, identity, rid, [task_id], {task_id}), msg.timeout)
             return None
         return _task_reply(rid, data)
+
+    def _wait_many(
+        self, identity: bytes, msg: protocol.WaitMany, now: float
+    ) -> protocol.Message | None:
+        if not 1 <= len(msg.ids) <= MAX_WAIT_MANY_IDS:
+            problem = f"WAIT_MANY takes 1 to {MAX_WAIT_MANY_IDS} ids"
+            return _error(msg.rid, "InvalidRequest", problem)
+        pending = set()
+        for task_id in msg.ids:
+            data = self._task_map(task_id)
+            if data is None:
+                return _error(msg.rid, "TaskNotFound", f"no task with id {task_id!r}")
+            if data["state"] in _OPEN_STATES:
+                pending.add(task_id)
+        if not pending or msg.timeout <= 0:
+            return self._many_reply(msg.rid, msg.ids)
+        waiter = Waiter(now, identity, msg.rid, list(msg.ids), pending, many=True)
+        self._park(waiter, msg.timeout)
+        return None
+
+    def _park(self, waiter: Waiter, timeout: float) -> None:
+        waiter.deadline += min(max(timeout, 0.0), MAX_WAIT_S)
+        for task_id in waiter.pending:
+            self.waiters.setdefault(task_id, []).append(waiter)
+        heapq.heappush(self._wait_heap, waiter)
 
     def _task_map(self, task_id: str) -> dict[str, Any] | None:
         live = self._live_map(task_id)
@@ -237,6 +309,16 @@ class ClientDesk:
         if task.state == "queued":
             data["reason"] = self.scheduler.why_waiting(task)
         return data
+
+
+def _size(data: dict[str, Any]) -> int:
+    """Roughly how many bytes a task map adds to a reply."""
+    return (
+        256
+        + len(data.get("result") or b"")
+        + len(data.get("error") or "")
+        + len(data.get("traceback") or "")
+    )
 
 
 def _task_reply(rid: int, data: dict[str, Any] | None) -> protocol.Message:

@@ -26,6 +26,7 @@ from loguru import logger
 
 from broker.clients import ClientDesk, Reply
 from broker.ratelimit import RateLimit
+from broker.retention import Pruner
 from broker.scheduler import Effects, Scheduler, recover
 from broker.store import Batch, Store
 from config.errors import ConfigError
@@ -87,6 +88,7 @@ class Broker:
         )
         self._carry: Batch | None = None
         self._carry_since = 0.0
+        self.pruner = Pruner(self.store, settings)
         self._recover()
 
         self.ctx = zmq.Context()
@@ -210,6 +212,10 @@ class Broker:
             self.scheduler.tasks.pop(task.id, None)
         self._send_workers(effects.sends)
         self._send_clients(replies, now)
+        # Prune only between commits, never interleaved with staged writes.
+        if self._carry is None and now >= self.pruner.due_at(now):
+            pruned = self.pruner.run(now, wall)
+            self.desk.forget(pruned.task_ids, pruned.keys)
 
     def _must_commit(self, effects: Effects, replies: list[Reply], now: float) -> bool:
         # Writes that no outgoing message depends on (ACKs, worker rows,
@@ -227,6 +233,8 @@ class Broker:
         due = self.scheduler.next_timer_at()
         if self._carry is not None:
             due = min(due, self._carry_since + LAZY_COMMIT_S)
+        else:  # a prune pass waits for the carry's commit (see step)
+            due = min(due, self.pruner.due_at(now))
         wait_deadline = self.desk.next_wait_deadline()
         if wait_deadline is not None:
             due = min(due, wait_deadline)

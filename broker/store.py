@@ -16,9 +16,9 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import peewee
 from loguru import logger
@@ -32,6 +32,10 @@ BUSY_TIMEOUT_MS = 30_000
 COMMIT_TRIES = 5
 
 TASK_COLUMNS = tuple(Task._meta.sorted_field_names)
+#: Task states that never change again; only tasks in these are ever pruned.
+ENDED_STATES = ("succeeded", "failed", "cancelled")
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -60,6 +64,15 @@ class Batch:
             + len(self.note_updates)
             + len(self.workers)
         )
+
+
+@dataclass
+class Pruned:
+    """What one prune pass deleted: task ids, their keys, notification count."""
+
+    task_ids: list[str] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    notes: int = 0
 
 
 class Store:
@@ -100,28 +113,64 @@ class Store:
         """Apply every staged write in one transaction, retrying lock errors."""
         if not len(batch):
             return
-        for attempt in range(1, COMMIT_TRIES + 1):
-            cursor = self._cursor()
+        self._transaction(lambda cursor: self._apply(cursor, batch), "commit")
+
+    def prune(self, cutoff_wall: float, limit: int) -> Pruned:
+        """Delete up to `limit` ended tasks that finished before `cutoff_wall`.
+
+        Oldest first, with every worker_notifications row of those tasks, in
+        one transaction of its own. Only succeeded, failed and cancelled tasks
+        go; so does their idempotency key. The task of the newest notification
+        stays, so `max_note_id` never falls and note ids are not reused after
+        a restart. Returns what was deleted.
+        """
+        sql = prune_statements(self.db.param)
+
+        def work(cursor: Any) -> Pruned:
+            row = cursor.execute(sql["newest_note"]).fetchone()
+            keep = row[0] if row else ""
+            params = (cutoff_wall, *ENDED_STATES, keep, limit)
+            found = cursor.execute(sql["candidates"], params).fetchall()
+            if not found:
+                return Pruned()
+            ids = [(task_id,) for task_id, _ in found]
+            cursor.executemany(sql["notes"], ids)
+            notes = cursor.rowcount
+            cursor.executemany(sql["tasks"], ids)
+            return Pruned(
+                [task_id for task_id, _ in found],
+                [key for _, key in found if key is not None],
+                notes,
+            )
+
+        return self._transaction(work, "prune")
+
+    def _transaction(self, work: Callable[[Any], T], what: str) -> T:
+        """Run `work(cursor)` in one transaction, retrying lock errors."""
+        attempt = 0
+        while True:
+            attempt += 1
             try:
+                cursor = self._cursor()
                 cursor.execute("BEGIN")
                 try:
-                    self._apply(cursor, batch)
+                    result = work(cursor)
                     cursor.execute("COMMIT")
                 except BaseException:
                     cursor.execute("ROLLBACK")
                     raise
-                return
+                return result
             except (peewee.OperationalError, sqlite3.OperationalError) as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise StoreError(f"commit failed: {exc}") from exc
+                    raise StoreError(f"{what} failed: {exc}") from exc
                 if attempt == COMMIT_TRIES:
                     raise StoreError(
-                        f"commit failed after {attempt} tries: {exc}"
+                        f"{what} failed after {attempt} tries: {exc}"
                     ) from exc
                 logger.warning("store.locked attempt={} error={}", attempt, exc)
                 time.sleep(0.05 * attempt)
             except (peewee.PeeweeException, sqlite3.Error) as exc:
-                raise StoreError(f"commit failed: {exc}") from exc
+                raise StoreError(f"{what} failed: {exc}") from exc
 
     def _apply(self, cursor: Any, batch: Batch) -> None:
         # Hot path: plain executemany on the connection; peewee builds the
@@ -274,6 +323,24 @@ def _lock_store(path: str) -> IO[str]:
     handle.write(str(os.getpid()))
     handle.flush()
     return handle
+
+
+def prune_statements(param: str) -> dict[str, str]:
+    """Return the statements `Store.prune` runs, by step, with `param` marks."""
+    p = param
+    states = ", ".join([p] * len(ENDED_STATES))
+    return {
+        "newest_note": 'SELECT "task_id" FROM "worker_notifications" WHERE "id" = '
+        '(SELECT MAX("id") FROM "worker_notifications")',
+        # NOTE: `|| ''` keeps SQLite off the state index; with it SQLite would
+        # sort every ended task by finished_at on each pass, not walk the
+        # finished_at index from the oldest.
+        "candidates": f'SELECT "id", "key" FROM "tasks" WHERE "finished_at" < {p} '
+        f'AND ("state" || \'\') IN ({states}) AND "id" <> {p} '
+        f'ORDER BY "finished_at" LIMIT {p}',
+        "notes": f'DELETE FROM "worker_notifications" WHERE "task_id" = {p}',
+        "tasks": f'DELETE FROM "tasks" WHERE "id" = {p}',
+    }
 
 
 def dump_list(values: Iterable[Any]) -> str:

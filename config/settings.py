@@ -57,6 +57,11 @@ class BrokerSettings:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     #: Most inbound messages handled per loop turn, i.e. per commit.
     batch_max: int = 2000
+    #: Seconds a succeeded, failed or cancelled task stays in the store after it
+    #: ended (its row, result and notifications); 0 keeps every task for ever.
+    retention_s: float = 86400.0
+    #: Most task rows one prune pass deletes (one transaction of its own).
+    prune_batch: int = 1000
     log_level: str = "INFO"
     log_json: bool = False
     #: Test-only fault hook: seconds added before every commit.
@@ -116,6 +121,8 @@ _MINIMUM: dict[str, float] = {
     "priority_aging_s": 0.001,
     "max_payload_bytes": 1024,
     "batch_max": 1,
+    "retention_s": 0.0,
+    "prune_batch": 1,
     "capacity": 1,
     "grace_s": 0.0,
     "reconnect_min_s": 0.001,

@@ -58,6 +58,8 @@ from sdk.records import TASK_STATES, TaskHandle, TaskInfo, WorkerInfo
 
 #: Longest single WAIT the client asks the broker to hold, in seconds.
 WAIT_CHUNK_S = 30.0
+#: Most tasks one WAIT_MANY request waits for (`gather`).
+GATHER_CHUNK = 500
 #: Resends per request after a disconnect or a stray reply, before they count
 #: as retries.
 MAX_FREE_RESENDS = 10
@@ -268,6 +270,79 @@ class Client:
                     f"task {task_id} still {info.state} after waiting {timeout} s"
                 )
 
+    def gather(
+        self,
+        tasks: Iterable[TaskHandle | str],
+        timeout: float | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Wait for every task to end; return their values in the order given.
+
+        One request waits for up to GATHER_CHUNK tasks at a time, so awaiting
+        many tasks costs a few round trips instead of one each.
+
+        Raises:
+            TaskFailed: the first task (in the order given) that ended failed or
+                cancelled, unless `return_exceptions` is true, in which case
+                its TaskFailed takes its place in the list.
+            ResultTimeout: `timeout` seconds passed before every task ended.
+        """
+        ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
+        for task_id in ids:
+            _check_id(task_id)
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        infos: dict[str, TaskInfo] = {}
+        for start in range(0, len(ids), GATHER_CHUNK):
+            chunk = list(dict.fromkeys(ids[start : start + GATHER_CHUNK]))
+            infos.update(self._gather_chunk(chunk, deadline, timeout))
+        values = []
+        for task_id in ids:
+            try:
+                values.append(_outcome(infos[task_id]))
+            except TaskFailed as exc:
+                if not return_exceptions:
+                    raise
+                values.append(exc)
+        return values
+
+    def _gather_chunk(
+        self, ids: list[str], deadline: float | None, timeout: float | None
+    ) -> dict[str, TaskInfo]:
+        """Wait on one chunk of distinct ids until all ended; return their infos."""
+        done: dict[str, TaskInfo] = {}
+        waiting = ids
+        while waiting:
+            if deadline is None:
+                chunk_s = WAIT_CHUNK_S
+            else:
+                chunk_s = max(0.0, min(WAIT_CHUNK_S, deadline - time.monotonic()))
+            request = functools.partial(protocol.WaitMany, ids=waiting, timeout=chunk_s)
+            data = self._call(request)
+            maps = _field(data, "tasks", list)
+            if len(maps) != len(waiting):
+                raise DecodeError(f"WAIT_MANY reply has {len(maps)} tasks")
+            left = []
+            for task_id, raw in zip(waiting, maps, strict=True):
+                if not isinstance(raw, dict):
+                    raise DecodeError("broker sent a malformed task record")
+                if raw.get("omitted"):
+                    # Too big to share a reply: fetched on its own.
+                    info = self.status(task_id)
+                else:
+                    info = _task({"task": raw})
+                if info.is_terminal:
+                    done[task_id] = info
+                else:
+                    left.append(task_id)
+            waiting = left
+            if waiting and deadline is not None and time.monotonic() >= deadline:
+                raise ResultTimeout(
+                    f"{len(waiting)} task(s) still open after waiting {timeout} s, "
+                    f"first {waiting[0]}"
+                )
+        return done
+
     def cancel(self, task_id: str) -> TaskInfo:
         """Cancel the task if it has not ended; return its record."""
         _check_id(task_id)
@@ -415,7 +490,7 @@ def _overrides(
 
 def _wait_s(message: protocol.Message, request_timeout_s: float) -> float:
     """Return how long to wait for the reply to `message`."""
-    if isinstance(message, protocol.Wait):
+    if isinstance(message, protocol.Wait | protocol.WaitMany):
         return message.timeout + request_timeout_s
     return request_timeout_s
 

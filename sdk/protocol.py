@@ -102,6 +102,18 @@ class Wait(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class WaitMany(Message):
+    """Park until every listed task ends or `timeout` seconds pass, then reply
+    their infos in order (results past the reply's size budget are left out
+    and marked `omitted`)."""
+
+    COMMAND: ClassVar[bytes] = b"WAIT_MANY"
+    rid: int
+    ids: list[str]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Cancel(Message):
     COMMAND: ClassVar[bytes] = b"CANCEL"
     rid: int
@@ -299,7 +311,16 @@ WorkerMessage = Ready | Heartbeat | Ack | Result | Drain | Release | Bye
 
 CLIENT_REQUESTS: dict[bytes, type[Message]] = {
     m.COMMAND: m
-    for m in (Submit, SubmitMany, Status, Wait, Cancel, ListWorkers, ListTasks)
+    for m in (
+        Submit,
+        SubmitMany,
+        Status,
+        Wait,
+        WaitMany,
+        Cancel,
+        ListWorkers,
+        ListTasks,
+    )
 }
 CLIENT_REPLIES: dict[bytes, type[Message]] = {m.COMMAND: m for m in (Ok, Error)}
 WORKER_MESSAGES: dict[bytes, type[Message]] = {

@@ -155,6 +155,20 @@ def test_value_conversions() -> None:
     )
 
 
+def test_retention_from_every_source(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, "[broker]\nretention_s = 3600\nprune_batch = 50\n")
+    env = {"HAKOBU_RETENTION_S": "60.5"}
+
+    assert (BrokerSettings().retention_s, BrokerSettings().prune_batch) == (
+        86400.0,
+        1000,
+    )
+    from_file = load_broker_settings(config=path, env={})
+    assert (from_file.retention_s, from_file.prune_batch) == (3600.0, 50)
+    assert load_broker_settings(config=path, env=env).retention_s == 60.5
+    assert load_broker_settings(config=path, env=env, retention_s=0).retention_s == 0
+
+
 def test_settings_are_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         BrokerSettings().liveness = 9  # type: ignore[misc]
@@ -184,6 +198,9 @@ def test_replace_checks_ranges() -> None:
         ("HAKOBU_LOG_LEVEL", "LOUD"),
         ("HAKOBU_LOG_JSON", "maybe"),
         ("HAKOBU_BATCH_MAX", ""),
+        ("HAKOBU_RETENTION_S", "-1"),
+        ("HAKOBU_RETENTION_S", "inf"),
+        ("HAKOBU_PRUNE_BATCH", "0"),
     ],
 )
 def test_bad_env_value_names_setting_and_source(name: str, value: str) -> None:
@@ -204,6 +221,8 @@ def test_bad_env_value_names_setting_and_source(name: str, value: str) -> None:
         "max_sends = 0",
         'durability = "off"',
         "log_json = 3",
+        "retention_s = -0.5",
+        "prune_batch = 0",
     ],
 )
 def test_bad_file_value_names_setting_and_file(tmp_path: Path, line: str) -> None:

@@ -36,6 +36,7 @@ SAMPLES: list[p.Message] = [
     p.SubmitMany(rid=3, tasks=[{"name": "echo", "payload": b"\xc0", "key": "a"}]),
     p.Status(rid=4, id="t-1"),
     p.Wait(rid=5, id="t-1", timeout=2.5),
+    p.WaitMany(rid=5, ids=["t-1", "t-2"], timeout=2.5),
     p.Cancel(rid=6, id="t-1"),
     p.ListWorkers(rid=7),
     p.ListTasks(rid=8, state="queued", worker="w1", limit=5),
