@@ -17,16 +17,22 @@ import zmq
 
 #: Messages the transport ceiling keeps in flight at once.
 PIPELINE_DEPTH = 1000
+#: Milliseconds without a reply after which the transport ceiling gives up.
+STALL_MS = 10_000
 
 
 def transport_round_trips_per_s(count: int = 50_000) -> float:
     """Return ROUTER/DEALER round trips per second over tcp loopback."""
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer = ctx.socket(zmq.DEALER)
-    dealer.setsockopt(zmq.LINGER, 0)
+    for sock in (router, dealer):
+        # No high-water mark: a ROUTER drops what its peer's queue cannot hold.
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
     dealer.connect(f"tcp://127.0.0.1:{port}")
 
     def echo() -> None:
@@ -42,6 +48,8 @@ def transport_round_trips_per_s(count: int = 50_000) -> float:
         while sent < count and sent - received < PIPELINE_DEPTH:
             dealer.send_multipart(body)
             sent += 1
+        if not dealer.poll(STALL_MS):
+            raise RuntimeError(f"transport ceiling stalled after {received} replies")
         dealer.recv_multipart()
         received += 1
     elapsed = time.perf_counter() - started

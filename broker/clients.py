@@ -8,7 +8,6 @@ of a task that is not on disk yet.
 from __future__ import annotations
 
 import heapq
-import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -21,6 +20,7 @@ from broker.store import Store
 from broker.validation import check_submit
 from sdk import protocol
 from sdk.errors import DecodeError
+from sdk.ids import time_ordered_id
 
 #: Idempotency keys remembered in memory (older ones are looked up on disk);
 #: enough for the retries of every request in flight.
@@ -107,9 +107,11 @@ class ClientDesk:
             if error is not None:
                 return _error(msg.rid, error.type, f"task {index}: {error.message}")
             requests.append(request)
+        unseen = [r.key for r in requests if r.key not in self.keys]
+        on_disk = self.store.task_ids_for_keys(unseen)
         ids, created = [], []
         for request in requests:
-            task_id = self._known_key(request.key)
+            task_id = self.keys.get(request.key) or on_disk.get(request.key)
             if task_id is None:
                 task_id = self._accept(request).id
                 created.append(True)
@@ -143,7 +145,7 @@ class ClientDesk:
         return task_id
 
     def _accept(self, msg: protocol.Submit) -> TaskState:
-        task = self.scheduler.submit(msg, uuid.uuid4().hex)
+        task = self.scheduler.submit(msg, time_ordered_id())
         self.keys[msg.key] = task.id
         if len(self.keys) > KEY_CACHE_SIZE:
             self.keys.popitem(last=False)
@@ -250,8 +252,12 @@ class ClientDesk:
             return protocol.Ok(rid=rid, data={"workers": workers})
         if isinstance(msg, protocol.ListTasks):
             limit = max(1, min(msg.limit, 10_000))
-            rows = self.store.list_tasks(msg.state, msg.worker, limit)
-            tasks = [self._live_map(row["id"]) or row_to_wire(row) for row in rows]
+            if msg.state in _OPEN_STATES:
+                # Open tasks live in memory; their rows may lag (see _start).
+                tasks = self._live_list(msg.state, msg.worker, limit)
+            else:
+                rows = self.store.list_tasks(msg.state, msg.worker, limit)
+                tasks = [self._live_map(r["id"]) or row_to_wire(r) for r in rows]
             for task in tasks:
                 task["result"] = None
             return protocol.Ok(rid=rid, data={"tasks": tasks})
@@ -290,6 +296,18 @@ class ClientDesk:
         for task_id in waiter.pending:
             self.waiters.setdefault(task_id, []).append(waiter)
         heapq.heappush(self._wait_heap, waiter)
+
+    def _live_list(
+        self, state: str, worker: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """Return up to `limit` open tasks in `state`, newest first."""
+        found = [
+            t
+            for t in self.scheduler.tasks.values()
+            if t.state == state and (worker is None or t.worker_id == worker)
+        ]
+        found.sort(key=lambda t: t.seq, reverse=True)
+        return [m for t in found[:limit] if (m := self._live_map(t.id)) is not None]
 
     def _task_map(self, task_id: str) -> dict[str, Any] | None:
         live = self._live_map(task_id)

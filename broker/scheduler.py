@@ -22,7 +22,7 @@ from loguru import logger
 from broker.models import TASK_ABORT, TASK_ASSIGNED
 from broker.queues import Queues
 from broker.state import Note, TaskState, WorkerState
-from broker.store import Batch
+from broker.store import Batch, dump_list, note_message
 from config.settings import BrokerSettings
 from sdk import protocol
 
@@ -575,15 +575,10 @@ class Scheduler:
     # --- transitions --------------------------------------------------------------
 
     def _start(self, task: TaskState) -> None:
+        # Memory only: the row says "assigned" until the task ends, and the
+        # end writes started_at (a restart treats assigned and running alike).
         task.move("running", "ack")
         task.started_wall = self.wall
-        self.effects.batch.update_task(
-            task.id,
-            state="running",
-            worker_id=task.worker_id,
-            started_at=self.wall,
-            reason=task.reason,
-        )
 
     def _succeed(self, task: TaskState, value: bytes) -> None:
         task.result = value
@@ -645,7 +640,7 @@ class Scheduler:
             not_before=task.not_before_wall,
             error_type=task.error_type,
             error=task.error,
-            attempt_errors=json.dumps(task.attempt_errors),
+            attempt_errors=dump_list(task.attempt_errors),
         )
 
     def _record_error(self, task: TaskState, error_type: str, error: str) -> None:
@@ -670,9 +665,11 @@ class Scheduler:
             error_type=task.error_type,
             error=task.error,
             traceback=task.traceback,
-            attempt_errors=json.dumps(task.attempt_errors),
+            attempt_errors=dump_list(task.attempt_errors),
             failures=task.failures,
             losses=task.losses,
+            reason=task.reason,
+            started_at=task.started_wall,
             finished_at=self.wall,
         )
         self.effects.ended.append(task)
@@ -720,7 +717,6 @@ class Scheduler:
         self.next_note_id += 1
         self.notes[note.id] = note
         self._schedule_note(note, self.settings.ack_timeout_s)
-        message = {"attempt": attempt, "reason": reason}
         self.effects.batch.new_notes.append(
             {
                 "id": note.id,
@@ -728,7 +724,7 @@ class Scheduler:
                 "notification_type": kind,
                 "task_id": task_id,
                 "attempt": attempt,
-                "message": json.dumps(message),
+                "message": note_message(attempt, reason),
                 "processed": 0,
                 "superseded": False,
                 "sends": 1,

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from json.encoder import encode_basestring
 from typing import IO, Any, TypeVar
 
 import peewee
@@ -28,6 +29,8 @@ from sdk.errors import StoreError
 
 #: Milliseconds SQLite waits for another process's write lock before failing.
 BUSY_TIMEOUT_MS = 30_000
+#: Most keys looked up by one query (SQLite allows 32766 parameters).
+KEYS_PER_QUERY = 500
 #: Tries of one commit when SQLite reports the database locked or busy.
 COMMIT_TRIES = 5
 
@@ -244,6 +247,19 @@ class Store:
             raise StoreError(f"read failed: {exc}") from exc
         return row[0] if row else None
 
+    def task_ids_for_keys(self, keys: list[str]) -> dict[str, str]:
+        """Return {key: task id} for those of `keys` that name a stored task."""
+        found: dict[str, str] = {}
+        for start in range(0, len(keys), KEYS_PER_QUERY):
+            chunk = keys[start : start + KEYS_PER_QUERY]
+            marks = ", ".join([self.db.param] * len(chunk))
+            sql = f'SELECT "key", "id" FROM "tasks" WHERE "key" IN ({marks})'
+            try:
+                found.update(self._cursor().execute(sql, chunk).fetchall())
+            except sqlite3.Error as exc:
+                raise StoreError(f"read failed: {exc}") from exc
+        return found
+
     def task_payload(self, task_id: str) -> bytes:
         """Return a task's packed payload."""
         row = self._one(Task.select(Task.payload).where(Task.id == task_id))
@@ -254,14 +270,17 @@ class Store:
     def list_tasks(
         self, state: str | None, worker: str | None, limit: int
     ) -> list[dict[str, Any]]:
-        """Return up to `limit` task rows, newest first, without payloads."""
+        """Return up to `limit` task rows, newest first, without payloads.
+
+        Ids sort by creation time, so the id index gives the order.
+        """
         columns = [getattr(Task, c) for c in TASK_COLUMNS if c != "payload"]
         query = Task.select(*columns)
         if state:
             query = query.where(Task.state == state)
         if worker:
             query = query.where(Task.worker_id == worker)
-        return self._all(query.order_by(Task.created_at.desc()).limit(limit))
+        return self._all(query.order_by(Task.id.desc()).limit(limit))
 
     def open_tasks(self) -> list[dict[str, Any]]:
         """Return every task not yet terminal, oldest first (for recovery)."""
@@ -345,7 +364,13 @@ def prune_statements(param: str) -> dict[str, str]:
 
 def dump_list(values: Iterable[Any]) -> str:
     """Encode a list column."""
-    return json.dumps(list(values), separators=(",", ":"))
+    items = list(values)
+    return json.dumps(items, separators=(",", ":")) if items else "[]"
+
+
+def note_message(attempt: int, reason: str) -> str:
+    """Encode a notification's `message` column: {"attempt": N, "reason": S}."""
+    return f'{{"attempt":{int(attempt)},"reason":{encode_basestring(reason)}}}'
 
 
 def load_list(text: str | None) -> list[Any]:

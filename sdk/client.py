@@ -25,7 +25,6 @@ import os
 import secrets
 import threading
 import time
-import uuid
 import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
@@ -54,6 +53,7 @@ from sdk.errors import (
     TransportError,
     error_from_reply,
 )
+from sdk.ids import time_ordered_id
 from sdk.records import TASK_STATES, TaskHandle, TaskInfo, WorkerInfo
 
 #: Longest single WAIT the client asks the broker to hold, in seconds.
@@ -578,7 +578,7 @@ def _submit_body(
         raise InvalidRequest("require_worker=True needs a preferred_worker")
     key = options.get("key")
     if key is None:
-        key = uuid.uuid4().hex
+        key = time_ordered_id()
     _check_text("key", key, MAX_KEY_CHARS)
     priority = options.get("priority", 0)
 
