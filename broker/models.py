@@ -19,6 +19,8 @@ from peewee import (
 
 database = DatabaseProxy()
 
+#: End states indexed by `task_unusual_end`; `succeeded` is not.
+UNUSUAL_ENDS = ("failed", "cancelled")
 #: worker_notifications.notification_type of an ASSIGN.
 TASK_ASSIGNED = "task_assigned"
 #: worker_notifications.notification_type of an ABORT (cancel or supersede).
@@ -35,7 +37,7 @@ class Task(BaseModel):
 
     id = CharField(primary_key=True, max_length=32)
     name = CharField(max_length=200)
-    state = CharField(max_length=16, index=True)
+    state = CharField(max_length=16)
     worker_id = CharField(null=True, index=True)
     attempts = IntegerField(default=0)
     preferred_worker = CharField(null=True)
@@ -65,6 +67,15 @@ class Task(BaseModel):
         table_name = "tasks"
 
 
+# Indexes stay small so each commit touches few pages: only tasks that ended
+# other than succeeded are indexed by state (open tasks are found through
+# finished_at IS NULL, succeeded ones by walking the id index), and only
+# notifications still waiting for an ACK are indexed as pending.
+Task.add_index(
+    Task.state, Task.id, where=Task.state.in_(UNUSUAL_ENDS), name="task_unusual_end"
+)
+
+
 class Worker(BaseModel):
     """Every worker id the broker has seen, with its last known state."""
 
@@ -91,7 +102,7 @@ class WorkerNotification(BaseModel):
     """
 
     id = IntegerField(primary_key=True)
-    worker_id = CharField(index=True)
+    worker_id = CharField()
     notification_type = CharField(max_length=16)
     task_id = CharField(index=True, max_length=32)
     attempt = IntegerField()
@@ -104,7 +115,14 @@ class WorkerNotification(BaseModel):
 
     class Meta:
         table_name = "worker_notifications"
-        indexes = ((("processed", "superseded"), False),)
+
+
+WorkerNotification.add_index(
+    WorkerNotification.id,
+    where=(WorkerNotification.processed == 0)
+    & (WorkerNotification.superseded == False),  # noqa: E712
+    name="workernotification_pending",
+)
 
 
 MODELS = (Task, Worker, WorkerNotification)

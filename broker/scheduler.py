@@ -369,10 +369,17 @@ class Scheduler:
 
     def next_timer_at(self) -> float:
         """Return the monotonic time of the next timer, for the poll timeout."""
-        due = [self._next_heartbeat_at, self._next_sweep_at]
-        if self._note_timers:
-            due.append(self._note_timers[0][0])
-        return min(due)
+        timers = self._note_timers
+        # Drop timers of notes acknowledged or rescheduled meanwhile, so they
+        # never wake the loop for nothing.
+        while timers:
+            at, note_id = timers[0]
+            note = self.notes.get(note_id)
+            if note is not None and note.next_send_at == at:
+                break
+            heapq.heappop(timers)
+        due = min(self._next_heartbeat_at, self._next_sweep_at)
+        return min(due, timers[0][0]) if timers else due
 
     def _resend_due(self) -> None:
         settings = self.settings

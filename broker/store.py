@@ -24,7 +24,14 @@ from typing import IO, Any, TypeVar
 import peewee
 from loguru import logger
 
-from broker.models import MODELS, Task, Worker, WorkerNotification, database
+from broker.models import (
+    MODELS,
+    UNUSUAL_ENDS,
+    Task,
+    Worker,
+    WorkerNotification,
+    database,
+)
 from sdk.errors import StoreError
 
 #: Milliseconds SQLite waits for another process's write lock before failing.
@@ -276,7 +283,12 @@ class Store:
         """
         columns = [getattr(Task, c) for c in TASK_COLUMNS if c != "payload"]
         query = Task.select(*columns)
-        if state:
+        if state in UNUSUAL_ENDS:
+            # Repeats the partial index's condition literally, so SQLite uses it.
+            listed = ", ".join(f"'{s}'" for s in UNUSUAL_ENDS)
+            unusual = peewee.SQL(f'"state" IN ({listed})')
+            query = query.where(unusual & (Task.state == state))
+        elif state:
             query = query.where(Task.state == state)
         if worker:
             query = query.where(Task.worker_id == worker)
@@ -284,15 +296,14 @@ class Store:
 
     def open_tasks(self) -> list[dict[str, Any]]:
         """Return every task not yet terminal, oldest first (for recovery)."""
-        query = Task.select().where(Task.state.in_(("queued", "assigned", "running")))
+        query = Task.select().where(Task.finished_at.is_null())
         return self._all(query.order_by(Task.created_at))
 
     def pending_notes(self) -> list[dict[str, Any]]:
         """Return unacknowledged, live notifications (for recovery)."""
-        query = WorkerNotification.select().where(
-            (WorkerNotification.processed == 0)
-            & (WorkerNotification.superseded == False)  # noqa: E712
-        )
+        # Literal terms, as in the partial index's WHERE, so SQLite uses it.
+        pending = peewee.SQL('"processed" = 0 AND "superseded" = 0')
+        query = WorkerNotification.select().where(pending)
         return self._all(query.order_by(WorkerNotification.id))
 
     def workers(self) -> list[dict[str, Any]]:
