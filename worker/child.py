@@ -1,9 +1,10 @@
 """The handler child process: import the handlers, then run one job at a time.
 
 A child is started with the spawn method, so it shares no ZeroMQ state with
-the worker; it talks to the worker only over its multiprocessing Pipe. A
-handler may fork (subprocess, a fork-based Pool, os.fork): a forked copy that
-returns into this loop leaves at once and never writes to the pipe.
+the worker; it talks to the worker only over two one-way multiprocessing
+pipes, jobs in and replies out. A handler may fork (subprocess, a fork-based
+Pool, os.fork): a forked copy that returns into this loop leaves at once and
+never writes to the pipe.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from sdk.protocol import pack_value, unpack_value
-from worker import registry
+from worker import pipe, registry
 from worker.context import CancelFlag, TaskContext
 
 #: Longest error message sent back, in UTF-8 bytes.
@@ -33,37 +34,50 @@ Reply = tuple[Any, ...]
 
 
 def child_main(
-    conn: Connection, cancel: CancelFlag, module_names: list[str], parent_pid: int
+    jobs: Connection,
+    replies: Connection,
+    cancel: CancelFlag,
+    module_names: list[str],
+    parent_pid: int,
 ) -> None:
     """Run in the child: say hello, then answer each job until the pipe closes."""
     _detach(parent_pid)
     errors = _import_handlers(module_names)
     my_pid = os.getpid()
+    reader = pipe.Reader(jobs.fileno())
+    reply_fd = replies.fileno()
     try:
-        conn.send(("hello", my_pid, errors))
+        pipe.send(reply_fd, ("hello", my_pid, errors))
     except OSError:
         return
 
     while True:
         try:
-            job = conn.recv()
+            job = reader.read()
         except (EOFError, OSError):
             return
         if job is None:
             return
-        reply = run_job(job, cancel, parent_pid, errors)
+        reply = run_job(job, cancel, parent_pid, errors, my_pid)
         if os.getpid() != my_pid:
             _leave_fork(0)
         try:
-            conn.send(reply)
+            pipe.send(reply_fd, reply)
         except OSError:
             return
 
 
 def run_job(
-    job: JobTuple, cancel: CancelFlag, parent_pid: int, import_errors: list[str]
+    job: JobTuple,
+    cancel: CancelFlag,
+    parent_pid: int,
+    import_errors: list[str],
+    my_pid: int | None = None,
 ) -> Reply:
-    """Run one job and return ("ok", task, attempt, packed) or an error reply."""
+    """Run one job and return ("ok", task, attempt, packed) or an error reply.
+
+    `my_pid` is this process's pid when the caller knows it already.
+    """
     task_id, attempt, name, payload_bytes, worker_id, max_payload_bytes = job
     handler = registry.get(name)
     if handler is None:
@@ -75,10 +89,15 @@ def run_job(
             )
         return ("error", task_id, attempt, "UnknownTask", _clip(message, 4096), "")
 
-    my_pid = os.getpid()
+    if my_pid is None:
+        my_pid = os.getpid()
     try:
         payload = unpack_value(payload_bytes)
-        ctx = TaskContext(task_id, attempt, worker_id, cancel, parent_pid)
+        ctx = (
+            TaskContext(task_id, attempt, worker_id, cancel, parent_pid)
+            if handler.wants_context
+            else None
+        )
         value = handler.call(payload, ctx)
         if os.getpid() != my_pid:
             _leave_fork(0)

@@ -5,6 +5,11 @@ forks or crashes can neither starve the heartbeat loop nor take the worker
 down. The parent side here never blocks for long: it is driven by the
 worker's poll loop (`fds`, `next_deadline_at`, `collect`).
 
+Each child has two one-way pipes, jobs in and replies out. A socket pair would
+do with one, but there the worker's read of a reply wakes the child blocked
+in its next read for nothing (space freed on a socket wakes its readers too),
+an extra context switch per job.
+
 Limits:
 - A job waits for its slot's child to finish starting (importing the task
   modules) before it is sent; its timeout counts from the send.
@@ -16,22 +21,27 @@ Limits:
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from typing import Any
 
 from loguru import logger
 
+from worker import pipe
 from worker.child import child_main
 from worker.jobs import Job, Key, Outcome, describe_exit
 from worker.slots import REAP_TIMEOUT_S, Slot, backoff_s, kill_tree, reap
 
 #: Seconds an aborted handler gets to return before its process is killed.
 ABORT_GRACE_S = 0.5
+#: Longest time between checks of every child, for deaths no pipe reports
+#: (a handler's fork that outlives it keeps the pipe and sentinel open).
+SWEEP_S = 0.25
 
 
 class Executor:
@@ -54,6 +64,13 @@ class Executor:
         self._abort_grace_s = abort_grace_s
         self._done: list[Outcome] = []
         self._reaping: list[BaseProcess] = []
+        #: Reply pipe ends and sentinels by fd, for the generation `_mapped`.
+        self._replies_by_fd: dict[int, Slot] = {}
+        self._sentinels: dict[int, Slot] = {}
+        self._mapped = -1
+        #: When `collect` next checks every slot, and when a deadline may be due.
+        self._sweep_at = 0.0
+        self._due_at = math.inf
         self._log = logger.bind(worker=worker_id)
         #: Bumped whenever the set of file descriptors to poll changes.
         self.generation = 0
@@ -82,7 +99,9 @@ class Executor:
             if left <= 0 or give_up():
                 return False
             conns = [
-                s.conn for s in self._slots if s.conn is not None and not s.is_ready
+                s.replies
+                for s in self._slots
+                if s.replies is not None and not s.is_ready
             ]
             if conns:
                 wait(conns, timeout=min(left, 0.1))
@@ -94,9 +113,7 @@ class Executor:
         for slot in self._slots:
             if slot.job is not None and slot.process is not None:
                 kill_tree(slot.process)
-            if slot.conn is not None:
-                slot.conn.close()
-                slot.conn = None
+            slot.close_pipes()
         processes = [s.process for s in self._slots if s.process is not None]
         end = time.monotonic() + max(0.0, timeout_s)
         while (alive := [p for p in processes if p.exitcode is None]) and (
@@ -126,6 +143,21 @@ class Executor:
         """Return the indexes of slots without a job."""
         return [s.index for s in self._slots if s.job is None]
 
+    def free_slot(self) -> int | None:
+        """Return the index of the first slot without a job, or None."""
+        for slot in self._slots:
+            if slot.job is None:
+                return slot.index
+        return None
+
+    @property
+    def is_busy(self) -> bool:
+        """True while any slot holds a job."""
+        for slot in self._slots:
+            if slot.job is not None:
+                return True
+        return False
+
     @property
     def free_count(self) -> int:
         return sum(1 for s in self._slots if s.job is None)
@@ -136,7 +168,7 @@ class Executor:
 
     def holds(self, key: Key) -> bool:
         """Return True when (task, attempt) is in a slot."""
-        return any(s.job is not None and s.job.key == key for s in self._slots)
+        return self._find(key) is not None
 
     def is_started(self, key: Key) -> bool:
         """Return True when (task, attempt) was handed to a ready child."""
@@ -147,21 +179,18 @@ class Executor:
         """Return the pipe ends and process sentinels the loop must poll."""
         found = []
         for slot in self._slots:
-            if slot.conn is not None:
-                found.append(slot.conn.fileno())
+            if slot.replies is not None:
+                found.append(slot.replies.fileno())
             if slot.process is not None:
                 found.append(slot.process.sentinel)
         return found
 
     def next_deadline_at(self) -> float | None:
-        """Return the earliest monotonic instant at which `collect` has work."""
-        instants = []
-        for slot in self._slots:
-            instants += [slot.deadline_at, slot.abort_at]
-            if slot.process is None and not self.is_draining:
-                instants.append(slot.respawn_at)
-        found = [t for t in instants if t is not None]
-        return min(found) if found else None
+        """Return the earliest monotonic instant at which `collect` has work.
+
+        It may be early (a deadline that no longer applies); never late.
+        """
+        return None if self._due_at == math.inf else self._due_at
 
     # --- what the loop does -------------------------------------------------
 
@@ -190,7 +219,9 @@ class Executor:
             slot.job = None
             return True
         slot.cancel.set()
+        slot.is_cancel_set = True
         slot.abort_at = now + self._abort_grace_s
+        self._due_at = min(self._due_at, slot.abort_at)
         return True
 
     def kill(self, key: Key) -> bool:
@@ -203,22 +234,77 @@ class Executor:
         slot.job = None
         return True
 
-    def collect(self, now: float) -> list[Outcome]:
-        """Read finished jobs, detect crashes, enforce timeouts and aborts."""
+    def collect(self, now: float, ready: Iterable[Any] | None = None) -> list[Outcome]:
+        """Read finished jobs, detect crashes, enforce timeouts and aborts.
+
+        `ready` is what the loop's poll found readable: then only those pipes
+        and sentinels are looked at, and every child only once per SWEEP_S.
+        Without it every child is checked.
+        """
         outcomes, self._done = self._done, []
-        for slot in self._slots:
-            outcomes += self._read(slot, now)
-            if slot.process is not None and not slot.process.is_alive():
+        is_sweep = ready is None or now >= self._sweep_at
+        if is_sweep:
+            self._sweep_at = now + SWEEP_S
+            for slot in self._slots:
                 outcomes += self._read(slot, now)
-                outcomes += self._on_death(slot, now)
-            elif slot.job is not None and slot.is_sent:
+                self._check_death(slot, now, outcomes)
+        else:
+            for key in ready or ():
+                self._on_ready(key, now, outcomes)
+        if is_sweep or now >= self._due_at:
+            self._on_due(now, outcomes)
+        return outcomes
+
+    # --- internals ----------------------------------------------------------
+
+    def _on_ready(self, key: Any, now: float, outcomes: list[Outcome]) -> None:
+        if self._mapped != self.generation:
+            self._map_fds()
+        slot = self._replies_by_fd.get(key)
+        if slot is not None:
+            outcome = self._read_one(slot, now)
+            if outcome is not None:
+                outcomes.append(outcome)
+            if slot.reader is not None and slot.reader.has_message:
+                outcomes += self._read(slot, now)
+            if slot.replies is None:
+                self._check_death(slot, now, outcomes)
+            return
+        slot = self._sentinels.get(key)
+        if slot is not None:
+            self._check_death(slot, now, outcomes)
+
+    def _map_fds(self) -> None:
+        self._replies_by_fd.clear()
+        self._sentinels.clear()
+        for slot in self._slots:
+            if slot.replies is not None:
+                self._replies_by_fd[slot.replies.fileno()] = slot
+            if slot.process is not None:
+                self._sentinels[slot.process.sentinel] = slot
+        self._mapped = self.generation
+
+    def _check_death(self, slot: Slot, now: float, outcomes: list[Outcome]) -> None:
+        if slot.process is not None and not slot.process.is_alive():
+            outcomes += self._read(slot, now)
+            outcomes += self._on_death(slot, now)
+
+    def _on_due(self, now: float, outcomes: list[Outcome]) -> None:
+        """Enforce timeouts and aborts, restart children, find the next deadline."""
+        due_at = math.inf
+        for slot in self._slots:
+            if slot.job is not None and slot.is_sent:
                 outcomes += self._enforce(slot, now)
             if slot.process is None and slot.respawn_at is not None:
                 if now >= slot.respawn_at and not self.is_draining:
                     self._respawn(slot, now)
-        return outcomes
-
-    # --- internals ----------------------------------------------------------
+            for at in (slot.deadline_at, slot.abort_at):
+                if at is not None and at < due_at:
+                    due_at = at
+            if slot.process is None and slot.respawn_at is not None:
+                if slot.respawn_at < due_at and not self.is_draining:
+                    due_at = slot.respawn_at
+        self._due_at = due_at
 
     def _find(self, key: Key) -> Slot | None:
         for slot in self._slots:
@@ -238,25 +324,31 @@ class Executor:
             )
 
     def _spawn(self, slot: Slot) -> None:
-        parent_end, child_end = self._mp.Pipe(duplex=True)
+        job_reader, job_writer = self._mp.Pipe(duplex=False)
+        reply_reader, reply_writer = self._mp.Pipe(duplex=False)
         cancel = self._mp.Event()
         process = self._mp.Process(
             target=child_main,
-            args=(child_end, cancel, self._modules, os.getpid()),
+            args=(job_reader, reply_writer, cancel, self._modules, os.getpid()),
             name=f"hakobu-handler-{slot.index}",
             daemon=False,  # handlers may start their own multiprocessing children
         )
-        process.start()
-        child_end.close()
-        slot.process, slot.conn, slot.cancel = process, parent_end, cancel
-        slot.is_ready = False
+        try:
+            process.start()
+        finally:
+            # The child has its own copies now; ours would hide its EOF.
+            job_reader.close()
+            reply_writer.close()
+        slot.process, slot.cancel = process, cancel
+        slot.open_pipes(job_writer, reply_reader)
+        slot.is_ready = slot.is_cancel_set = False
         slot.respawn_at = None
         self.generation += 1
         self._log.debug("worker.child_started slot={} pid={}", slot.index, process.pid)
 
     def _send(self, slot: Slot, now: float) -> None:
         job = slot.job
-        if job is None or slot.conn is None:
+        if job is None or slot.jobs is None:
             return
         message = (
             job.task,
@@ -266,10 +358,14 @@ class Executor:
             self._worker_id,
             self._max_payload_bytes,
         )
-        # The child is idle in recv() now, so clearing cannot race with it.
-        slot.cancel.clear()
+        # The child is idle reading its pipe now, so clearing cannot race it.
+        # NOTE: only the worker sets the flag, so it knows when it needs
+        # clearing; clearing costs a lock and a semaphore round trip.
+        if slot.is_cancel_set:
+            slot.cancel.clear()
+            slot.is_cancel_set = False
         try:
-            slot.conn.send(message)
+            pipe.send(slot.jobs.fileno(), message)
         except OSError as exc:
             # The child is gone; the death check reports the job as crashed.
             self._log.debug(
@@ -278,27 +374,41 @@ class Executor:
         slot.is_sent = True
         if job.timeout_s is not None and job.timeout_s > 0:
             slot.deadline_at = now + job.timeout_s
+            self._due_at = min(self._due_at, slot.deadline_at)
 
     def _read(self, slot: Slot, now: float) -> list[Outcome]:
+        """Read every message waiting in the slot's reply pipe."""
         outcomes = []
-        while slot.conn is not None:
+        while slot.replies is not None and slot.reader is not None:
             try:
-                if not slot.conn.poll(0):
+                if not slot.reader.has_message and not slot.replies.poll(0):
                     break
-                message = slot.conn.recv()
             except (EOFError, OSError):
-                # The child closed its end: it is dead or dying.
-                slot.conn.close()
-                slot.conn = None
-                self.generation += 1
-                if slot.process is not None and slot.process.exitcode is None:
-                    kill_tree(slot.process)
-                    slot.process.join(REAP_TIMEOUT_S)
+                self._on_eof(slot)
                 break
-            outcome = self._on_message(slot, message, now)
+            outcome = self._read_one(slot, now)
             if outcome is not None:
                 outcomes.append(outcome)
         return outcomes
+
+    def _read_one(self, slot: Slot, now: float) -> Outcome | None:
+        """Read one message from a reply pipe known to be readable."""
+        if slot.reader is None:
+            return None
+        try:
+            message = slot.reader.read()
+        except (EOFError, OSError):
+            self._on_eof(slot)
+            return None
+        return self._on_message(slot, message, now)
+
+    def _on_eof(self, slot: Slot) -> None:
+        # The child closed its end: it is dead or dying.
+        slot.close_replies()
+        self.generation += 1
+        if slot.process is not None and slot.process.exitcode is None:
+            kill_tree(slot.process)
+            slot.process.join(REAP_TIMEOUT_S)
 
     def _on_message(self, slot: Slot, message: Any, now: float) -> Outcome | None:
         kind = message[0]
@@ -402,13 +512,13 @@ class Executor:
                 self._reaping.append(slot.process)
             else:
                 reap(slot.process)
-        if slot.conn is not None:
-            slot.conn.close()
-        slot.process, slot.conn, slot.cancel = None, None, None
-        slot.is_ready = slot.is_sent = False
+        slot.close_pipes()
+        slot.process, slot.cancel = None, None
+        slot.is_ready = slot.is_sent = slot.is_cancel_set = False
         slot.job = None
         slot.deadline_at = slot.abort_at = None
         slot.respawn_at = now
+        self._due_at = min(self._due_at, now)
         self.generation += 1
 
     @staticmethod

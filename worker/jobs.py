@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import signal
-from dataclasses import dataclass
+from typing import NamedTuple
 
 Key = tuple[str, int]
 
 
-@dataclass(frozen=True)
-class Job:
+# NOTE: named tuples, not frozen dataclasses: one of each is built per task on
+# the worker's hot path, and a frozen dataclass sets every field through
+# object.__setattr__ (several times slower to build).
+class Job(NamedTuple):
     """One attempt to run: what the broker's ASSIGN carried."""
 
     task: str
@@ -24,8 +26,7 @@ class Job:
         return (self.task, self.attempt)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
     """How an attempt ended; `value` is the packed result when ok."""
 
     task: str

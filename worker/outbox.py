@@ -18,7 +18,11 @@ RECENT_ATTEMPTS = 10_000
 
 
 class Outbox:
-    """RESULT messages sent but not yet confirmed by STORED."""
+    """RESULT messages sent but not yet confirmed by STORED.
+
+    Times passed in never go backwards (the monotonic clock), so `_sent_at`
+    is kept oldest first and the loop's per-turn questions look at its head.
+    """
 
     def __init__(self) -> None:
         self._results: dict[Key, Result] = {}
@@ -38,6 +42,7 @@ class Outbox:
         """Keep `result`, counted as sent at `now`."""
         key = (result.task, result.attempt)
         self._results[key] = result
+        self._sent_at.pop(key, None)
         self._sent_at[key] = now
 
     def confirm(self, key: Key) -> bool:
@@ -47,14 +52,15 @@ class Outbox:
 
     def due(self, now: float, ack_timeout_s: float) -> list[Result]:
         """Return results unconfirmed for `ack_timeout_s`, marking them sent now."""
-        found = [
-            self._results[key]
-            for key, sent_at in self._sent_at.items()
-            if now - sent_at >= ack_timeout_s
-        ]
-        for result in found:
-            self._sent_at[(result.task, result.attempt)] = now
-        return found
+        keys = []
+        for key, sent_at in self._sent_at.items():
+            if now - sent_at < ack_timeout_s:
+                break
+            keys.append(key)
+        for key in keys:
+            del self._sent_at[key]
+            self._sent_at[key] = now
+        return [self._results[key] for key in keys]
 
     def everything(self, now: float) -> list[Result]:
         """Return every unconfirmed result, marking them all sent now."""
@@ -64,9 +70,9 @@ class Outbox:
 
     def next_due_at(self, ack_timeout_s: float) -> float | None:
         """Return when the next re-send falls due, or None when empty."""
-        if not self._sent_at:
-            return None
-        return min(self._sent_at.values()) + ack_timeout_s
+        for sent_at in self._sent_at.values():
+            return sent_at + ack_timeout_s
+        return None
 
 
 class RecentAttempts:

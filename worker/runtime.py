@@ -2,9 +2,14 @@
 
 The loop polls the DEALER, a wake-up socket pair (signals, `request_stop`) and
 the executor's pipes and process sentinels, with a timeout set by the next
-timer. It answers ASSIGN and ABORT with ACK at once, keeps every RESULT in an
-outbox until STORED, heartbeats from its own timer, reconnects with backoff
-when the broker goes silent, and drains on SIGTERM/SIGINT.
+timer. It answers ASSIGN and ABORT with ACK in the same loop turn, keeps every
+RESULT in an outbox until STORED, heartbeats from its own timer, reconnects
+with backoff when the broker goes silent, and drains on SIGTERM/SIGINT.
+
+Messages to the broker are queued during a turn and sent together: one wake-up
+of ZeroMQ's I/O thread instead of one per message. Within a turn, the ACK of a
+batch of ASSIGN/ABORT goes after its jobs were handed to the children (so they
+start at once) and before any RESULT or RELEASE the batch caused.
 
 Limits:
 - A Worker runs once; build a new one to run again.
@@ -43,6 +48,8 @@ EXIT_OK = 0
 EXIT_STOPPED = 3
 #: Longest poll while handlers run, so a death no sentinel reports is seen.
 BUSY_POLL_S = 0.25
+#: Longest poll while no handler runs.
+IDLE_POLL_S = 1.0
 #: Failed loop turns in a row after which the error is raised, not logged.
 MAX_FAILED_TURNS = 50
 #: Longest the worker waits for its handler processes before registering.
@@ -87,6 +94,8 @@ class Worker:
         self._signals: list[int] = []
         self._signals_seen = 0
         self._drain: Drain | None = None
+        #: Messages for the broker queued in this loop turn, in order.
+        self._outgoing: list[protocol.Message] = []
 
     # --- public -------------------------------------------------------------
 
@@ -188,7 +197,8 @@ class Worker:
 
     def _build_poller(self) -> zmq.Poller:
         poller = zmq.Poller()
-        poller.register(self._wakeup.reader, zmq.POLLIN)
+        # A plain fd, not the socket object: the poll asks objects for fileno().
+        poller.register(self._wakeup.reader.fileno(), zmq.POLLIN)
         if self._session.socket is not None:
             poller.register(self._session.socket, zmq.POLLIN)
         for fd in self._executor.fds():
@@ -196,25 +206,25 @@ class Worker:
         return poller
 
     def _poll_timeout(self, now: float) -> float:
-        instants = [
+        is_busy = self._executor.is_busy
+        soonest = now + (BUSY_POLL_S if is_busy else IDLE_POLL_S)
+        for at in (
             self._session.next_timer_at(),
             self._executor.next_deadline_at(),
             self._outbox.next_due_at(self._settings.ack_timeout_s)
             if self._session.socket is not None
             else None,
-            self._drain.next_at(bool(self._executor.running()))
-            if self._drain is not None
-            else None,
-        ]
-        soonest = min((t for t in instants if t is not None), default=now + 1.0)
-        cap = BUSY_POLL_S if self._executor.running() else 1.0
-        return min(max(0.0, soonest - now), cap)
+            self._drain.next_at(is_busy) if self._drain is not None else None,
+        ):
+            if at is not None and at < soonest:
+                soonest = at
+        return max(0.0, soonest - now)
 
     # --- one turn -----------------------------------------------------------
 
     def _step(self, now: float, ready: dict[Any, int]) -> int | None:
         """Handle what the poll found, then every timer that fell due."""
-        if self._wakeup.reader in ready:
+        if self._wakeup.reader.fileno() in ready:
             self._wakeup.clear()
         if self._stop_requested or len(self._signals) > self._signals_seen:
             self._begin_drain(now)
@@ -222,30 +232,52 @@ class Worker:
         if self._session.socket is not None and self._session.socket in ready:
             code = self._receive(now)
             if code is not None:
+                self._flush()
+                self._session.close(linger_ms=0)
                 return code
-        for outcome in self._executor.collect(now):
+        for outcome in self._executor.collect(now, ready):
             self._on_outcome(outcome, now)
+        # Before the timers, which may replace the socket.
+        self._flush()
 
         self._session.tick(now)
         if self._session.socket is not None:
             self._resend(self._outbox.due(now, self._settings.ack_timeout_s))
+        code = None
         if self._drain is not None:
-            return self._drain_step(now, self._drain)
-        return None
+            code = self._drain_step(now, self._drain)
+        self._flush()
+        return code
 
     def _receive(self, now: float) -> int | None:
         messages = self._session.receive(now)
-        # ACK the whole batch first, so it precedes any RELEASE or RESULT.
         acks = [
             m.n for m in messages if isinstance(m, protocol.Assign | protocol.Abort)
         ]
-        if acks:
-            self._session.send(protocol.Ack(s=self._session.token, n=acks))
-        for message in messages:
-            code = self._dispatch(message, now)
-            if code is not None:
-                return code
-        return None
+        mark = len(self._outgoing)
+        code = None
+        try:
+            for message in messages:
+                code = self._dispatch(message, now)
+                if code is not None:
+                    break
+        finally:
+            # The jobs are with the children now; the ACK of the whole batch
+            # still goes before any RELEASE or RESULT the batch caused.
+            if acks:
+                ack = protocol.Ack(s=self._session.token, n=acks)
+                self._outgoing.insert(mark, ack)
+        return code
+
+    def _send(self, message: protocol.Message) -> None:
+        """Queue `message` for the broker; `_flush` sends the queue in order."""
+        self._outgoing.append(message)
+
+    def _flush(self) -> None:
+        if self._outgoing:
+            outgoing, self._outgoing = self._outgoing, []
+            for message in outgoing:
+                self._session.send(message)
 
     def _dispatch(self, message: protocol.Message, now: float) -> int | None:
         if isinstance(message, protocol.Assign):
@@ -265,7 +297,7 @@ class Worker:
             self._resend(self._outbox.everything(now))
         elif isinstance(message, protocol.Reconnect):
             self._log.info("worker.reconnect_asked reason={}", message.reason)
-            self._session.send_ready()
+            self._send(self._session.ready_message())
         elif isinstance(message, protocol.Stop):
             return self._on_stop(message)
         return None
@@ -278,8 +310,8 @@ class Worker:
         if self._is_draining:
             self._release(key, "worker is draining")
             return
-        free = self._executor.free_slots()
-        if not free:
+        free = self._executor.free_slot()
+        if free is None:
             self._log.warning(
                 "task.over_capacity task={} attempt={} capacity={}",
                 *key,
@@ -291,7 +323,7 @@ class Worker:
         job = Job(
             message.task, message.attempt, message.name, message.payload, timeout_s
         )
-        self._executor.start(free[0], job, now)
+        self._executor.start(free, job, now)
         self._log.debug(
             "task.started task={} attempt={} name={} bytes={}",
             *key,
@@ -334,7 +366,7 @@ class Worker:
         )
         self._outbox.add(result, now)
         self._recent.add(outcome.key)
-        self._session.send(result)
+        self._send(result)
         self._log.info(
             "task.finished task={} attempt={} ok={} error_type={}",
             outcome.task,
@@ -347,11 +379,10 @@ class Worker:
         self._log.error("worker.stop_ordered reason={}", message.reason)
         for key in self._executor.running():
             self._executor.kill(key)
-        self._session.close(linger_ms=0)
         return EXIT_STOPPED
 
     def _release(self, key: Key, reason: str) -> None:
-        self._session.send(
+        self._send(
             protocol.Release(
                 s=self._session.token, task=key[0], attempt=key[1], reason=reason
             )
@@ -363,7 +394,7 @@ class Worker:
             self._log.debug(
                 "task.result_resent task={} attempt={}", result.task, result.attempt
             )
-            self._session.send(result)
+            self._send(result)
 
     def _ready_state(self) -> tuple[list[list[Any]], bool]:
         """Return what READY reports: held [task, attempt] pairs and draining."""
@@ -394,7 +425,7 @@ class Worker:
             len(self._executor.running()),
             self._settings.grace_s,
         )
-        self._session.send(protocol.Drain(s=self._session.token))
+        self._send(protocol.Drain(s=self._session.token))
 
     def _drain_step(self, now: float, drain: Drain) -> int | None:
         running = self._executor.running()
@@ -409,6 +440,7 @@ class Worker:
             return None
         if len(self._outbox):
             self._log.warning("worker.results_unconfirmed count={}", len(self._outbox))
+        self._flush()
         self._session.send(protocol.Bye(s=self._session.token))
         self._session.close(linger_ms=drain.linger_ms(now))
         return EXIT_OK

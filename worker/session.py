@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
 from loguru import logger
@@ -24,6 +24,11 @@ from sdk.errors import ProtocolError
 LINGER_MS = 500
 #: Most messages read from the socket in one loop turn.
 RECV_BATCH = 1000
+
+# Flags and options as plain ints, computed once.
+_NOBLOCK = int(zmq.NOBLOCK)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
 
 class Session:
@@ -90,7 +95,7 @@ class Session:
         if self.socket is None:
             return False
         try:
-            self.socket.send_multipart(message.encode(), zmq.NOBLOCK)
+            protocol.send_frames(self.socket, message.encode())
         except zmq.ZMQError as exc:
             # Everything we send is repeated by a timer or by the broker.
             self._log.debug(
@@ -104,49 +109,59 @@ class Session:
 
     def send_ready(self) -> None:
         """Announce this worker: capacity, tags, handlers and held attempts."""
+        self.send(self.ready_message())
+
+    def ready_message(self) -> protocol.Ready:
+        """Return READY as of now; the next WELCOME is awaited from here on."""
         held, draining = self._ready_state()
         self.is_welcomed = False
-        self.send(
-            protocol.Ready(
-                s=self.token,
-                worker_id=self._settings.worker_id,
-                capacity=self._settings.capacity,
-                tags=list(self._settings.tags),
-                handlers=self._handlers,
-                held=held,
-                draining=draining,
-                pid=os.getpid(),
-                host=socket.gethostname(),
-                max_payload_bytes=self._settings.max_payload_bytes,
-            )
+        return protocol.Ready(
+            s=self.token,
+            worker_id=self._settings.worker_id,
+            capacity=self._settings.capacity,
+            tags=list(self._settings.tags),
+            handlers=self._handlers,
+            held=held,
+            draining=draining,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            max_payload_bytes=self._settings.max_payload_bytes,
         )
 
     def receive(self, now: float) -> list[protocol.Message]:
         """Read waiting messages for this session; drop bad or foreign ones."""
         found: list[protocol.Message] = []
+        sock = self.socket
+        if sock is None:
+            return found
         for _ in range(RECV_BATCH):
-            if self.socket is None:
+            frames = _recv_frames(sock)
+            if frames is None:
                 break
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+            message = self._accept(frames, now)
+            if message is not None:
+                found.append(message)
+            # Cheaper than a last recv that fails with zmq.Again.
+            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
                 break
-            try:
-                message = protocol.decode(frames, protocol.BROKER_MESSAGES)
-            except ProtocolError as exc:
-                self._log.warning("protocol.bad_frame error={}", exc)
-                continue
-            # Any well-formed broker message shows the link is alive; only
-            # those for this session are acted on.
-            self._last_heard_at = now
-            if getattr(message, "s", None) != self.token:
-                self._log.debug(
-                    "protocol.foreign_session command={}", message.COMMAND.decode()
-                )
-                continue
-            self._log.debug("protocol.received command={}", message.COMMAND.decode())
-            found.append(message)
         return found
+
+    def _accept(self, frames: list[bytes], now: float) -> protocol.Message | None:
+        try:
+            message = protocol.decode(frames, protocol.BROKER_MESSAGES)
+        except ProtocolError as exc:
+            self._log.warning("protocol.bad_frame error={}", exc)
+            return None
+        # Any well-formed broker message shows the link is alive; only those
+        # for this session are acted on.
+        self._last_heard_at = now
+        if getattr(message, "s", None) != self.token:
+            self._log.debug(
+                "protocol.foreign_session command={}", message.COMMAND.decode()
+            )
+            return None
+        self._log.debug("protocol.received command={}", message.COMMAND.decode())
+        return message
 
     def on_welcome(self) -> None:
         """READY was accepted: the next loss starts again from the shortest backoff."""
@@ -185,3 +200,21 @@ class Session:
         self.close(linger_ms=0)
         self._reconnect_at = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self._settings.reconnect_max_s)
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
+    """Return the frames of the next message, or None when none is waiting.
+
+    Frames are taken uncopied and asked for `more` (libzmq's flag on the
+    message), then copied to bytes: a getsockopt(RCVMORE) per frame costs
+    more, as pyzmq looks every option up in its enum first.
+    """
+    try:
+        frame = sock.recv(_NOBLOCK, copy=False)
+    except zmq.Again:
+        return None
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
