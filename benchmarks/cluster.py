@@ -5,6 +5,7 @@ CLI on free loopback ports in their own sessions, waited for, stopped by pid.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,6 +29,8 @@ CLI = [sys.executable, "-m", "broker.cli"]
 STOP_GRACE_S = 5.0
 #: Seconds to wait for a SIGKILLed process to be reaped.
 REAP_TIMEOUT_S = 5.0
+#: Lowest port `free_port` hands out.
+PORT_FLOOR = 20_000
 #: Set in every child's environment (and so its handlers'): which cluster it is in.
 TOKEN_ENV = "HAKOBU_BENCH_CLUSTER_TOKEN"
 
@@ -215,10 +218,30 @@ class LocalCluster:
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port on 127.0.0.1 that was free a moment ago.
+
+    The port is drawn below the kernel's ephemeral range, so the outgoing
+    connections of other processes cannot take it between now and the bind.
+    """
+    low, _ = _ephemeral_range()
+    for _ in range(100):
+        port = random.randrange(PORT_FLOOR, max(low, PORT_FLOOR + 1000))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port below the ephemeral range")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()
+        low, high = (int(part) for part in text.split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
 
 
 def clean_env(
