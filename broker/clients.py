@@ -230,11 +230,6 @@ class ClientDesk:
             maps.append(data)
         return protocol.Ok(rid=rid, data={"tasks": maps})
 
-    @property
-    def has_reads(self) -> bool:
-        """Whether requests wait for replies built after the commit."""
-        return bool(self._reads)
-
     def next_wait_deadline(self) -> float | None:
         """Return when the earliest parked wait runs out."""
         while self._wait_heap and self._wait_heap[0].is_done:

@@ -15,6 +15,7 @@ Limits:
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import threading
 import time
@@ -50,6 +51,8 @@ EXIT_CRASHED = 1
 MAX_CAPACITY = 10_000
 #: Longest that writes no message depends on may wait for a shared commit.
 LAZY_COMMIT_S = 0.05
+#: Messages to workers that may wait until the client replies are sent.
+_DEFERRABLE = (protocol.Stored, protocol.Heartbeat)
 #: Messages that carry no decision, so they need no commit before sending.
 _CHATTER = (protocol.Heartbeat, protocol.Welcome, protocol.Reconnect, protocol.Stop)
 
@@ -88,6 +91,7 @@ class Broker:
         )
         self._carry: Batch | None = None
         self._carry_since = 0.0
+        self._last_busy = 0.0
         self.pruner = Pruner(self.store, settings)
         self._recover()
 
@@ -210,8 +214,13 @@ class Broker:
         self.desk.after_commit(effects.ended, now, replies)
         for task in effects.ended:
             self.scheduler.tasks.pop(task.id, None)
-        self._send_workers(effects.sends)
+        # Confirmations and heartbeats go after the client replies: a reply
+        # may end a client's wait, a STORED only lets a worker drop its copy.
+        first = [(w, m) for w, m in effects.sends if type(m) not in _DEFERRABLE]
+        self._send_workers(first)
         self._send_clients(replies, now)
+        if len(first) < len(effects.sends):
+            self._send_workers([s for s in effects.sends if type(s[1]) in _DEFERRABLE])
         # Prune only between commits, never interleaved with staged writes.
         if self._carry is None and now >= self.pruner.due_at(now):
             pruned = self.pruner.run(now, wall)
@@ -222,7 +231,9 @@ class Broker:
         # requeues) may wait up to LAZY_COMMIT_S to share a later commit.
         if not len(effects.batch):
             return False
-        if replies or effects.ended or self.desk.has_reads or self.stop_signal:
+        # Reads (STATUS, WAIT, lists) need no commit: what they show of
+        # uncommitted writes (an ACK, a requeue) a restart recovers alike.
+        if replies or effects.ended or self.stop_signal:
             return True
         if any(type(msg) not in _CHATTER for _, msg in effects.sends):
             return True
@@ -241,7 +252,19 @@ class Broker:
         if self._held_replies:
             due = min(due, self._held_replies[0][0])
         timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
-        return dict(self.poller.poll(int(timeout_s * 1000)))
+        spin_until = min(self._last_busy + self.settings.spin_s, now + timeout_s)
+        while now < spin_until:
+            found = self.poller.poll(0)
+            if found:
+                self._last_busy = time.monotonic()
+                return dict(found)
+            os.sched_yield()
+            now = time.monotonic()
+        timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
+        found = self.poller.poll(int(timeout_s * 1000))
+        if found:
+            self._last_busy = time.monotonic()
+        return dict(found)
 
     # --- workers -------------------------------------------------------------------
 
