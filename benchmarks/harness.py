@@ -34,7 +34,7 @@ class BenchConfig:
     workers: int = 2
     clients: int = 1
     mode: str = "burst"
-    batch: int = 1
+    batch: int = 100
     durability: str = "normal"
     capacity: int = 4
     with_ceilings: bool = True
@@ -106,6 +106,12 @@ def run(
                 figures["tasks_per_s"] / found["store_rows_per_s_batch100"], 4
             ),
         }
+        p50 = figures["submit_to_result_ms"]["p50"]
+        if config.mode == "serial" and p50:
+            # How many bare round trips one task's submit -> result costs.
+            figures["ceilings"]["serial_p50_in_round_trips"] = round(
+                p50 * 1000 / found["transport_serial_round_trip_us"], 2
+            )
     return figures
 
 

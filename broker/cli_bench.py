@@ -34,8 +34,13 @@ def bench_command(
         ),
     ] = "burst",
     batch: Annotated[
-        int, typer.Option(min=1, help="Tasks per submit request (burst mode).")
-    ] = 1,
+        int,
+        typer.Option(
+            min=1,
+            help="Tasks per submit request in burst mode (submit_many); 1 sends "
+            "one request per task, which one round trip each bounds.",
+        ),
+    ] = 100,
     durability: Annotated[
         str,
         typer.Option(help="SQLite synchronous for broker and ceiling: normal|full."),
@@ -140,6 +145,16 @@ def _show(figures: dict[str, Any]) -> None:
             f"(x{found['ratio_to_store_single']:.3f}), "
             f"{found['store_rows_per_s_batch100']:,.0f} rows/s batched "
             f"(x{found['ratio_to_store_batch100']:.3f})"
+        )
+        typer.echo(
+            f"                 one bare request/reply round trip "
+            f"{found['transport_serial_round_trip_us']:,.0f} us"
+            + (
+                f" (serial submit->result p50 = "
+                f"{found['serial_p50_in_round_trips']:.1f} round trips)"
+                if "serial_p50_in_round_trips" in found
+                else ""
+            )
         )
 
 
