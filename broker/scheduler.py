@@ -115,7 +115,7 @@ class Scheduler:
                 id=task.preferred_worker, unavailable_since=self.now
             )
         self.tasks[task_id] = task
-        self.effects.batch.new_tasks.append(task.row())
+        self.effects.batch.add_task(task.row())
         self.queues.push(task, self.wall)
         self.is_dirty = True
         return task
@@ -724,7 +724,7 @@ class Scheduler:
         self.next_note_id += 1
         self.notes[note.id] = note
         self._schedule_note(note, self.settings.ack_timeout_s)
-        self.effects.batch.new_notes.append(
+        self.effects.batch.add_note(
             {
                 "id": note.id,
                 "worker_id": worker.id,

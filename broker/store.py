@@ -50,21 +50,41 @@ T = TypeVar("T")
 
 @dataclass
 class Batch:
-    """Writes staged during one loop turn; applied by `Store.commit`."""
+    """Writes staged during one loop turn; applied by `Store.commit`.
 
-    new_tasks: list[dict[str, Any]] = field(default_factory=list)
+    An update to a row inserted in the same batch changes the row to insert,
+    so a task assigned in the turn it was submitted costs one INSERT.
+    """
+
+    new_tasks: dict[str, dict[str, Any]] = field(default_factory=dict)
     task_updates: dict[str, dict[str, Any]] = field(default_factory=dict)
-    new_notes: list[dict[str, Any]] = field(default_factory=list)
+    new_notes: dict[int, dict[str, Any]] = field(default_factory=dict)
     note_updates: dict[int, dict[str, Any]] = field(default_factory=dict)
     workers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def add_task(self, row: dict[str, Any]) -> None:
+        """Stage a new task row."""
+        self.new_tasks[row["id"]] = row
+
+    def add_note(self, row: dict[str, Any]) -> None:
+        """Stage a new worker_notifications row."""
+        self.new_notes[row["id"]] = row
+
     def update_task(self, task_id: str, **fields: Any) -> None:
         """Stage new values for a task row; later calls win per field."""
-        self.task_updates.setdefault(task_id, {}).update(fields)
+        row = self.new_tasks.get(task_id)
+        if row is not None:
+            row.update(fields)
+        else:
+            self.task_updates.setdefault(task_id, {}).update(fields)
 
     def update_note(self, note_id: int, **fields: Any) -> None:
         """Stage new values for a worker_notifications row."""
-        self.note_updates.setdefault(note_id, {}).update(fields)
+        row = self.new_notes.get(note_id)
+        if row is not None:
+            row.update(fields)
+        else:
+            self.note_updates.setdefault(note_id, {}).update(fields)
 
     def __len__(self) -> int:
         return (
@@ -185,8 +205,10 @@ class Store:
     def _apply(self, cursor: Any, batch: Batch) -> None:
         # Hot path: plain executemany on the connection; peewee builds the
         # schema and the rare queries, but its per-statement cost is 5-30x.
-        self._insert_many(cursor, "tasks", batch.new_tasks)
-        self._insert_many(cursor, "worker_notifications", batch.new_notes)
+        self._insert_many(cursor, "tasks", list(batch.new_tasks.values()))
+        self._insert_many(
+            cursor, "worker_notifications", list(batch.new_notes.values())
+        )
         self._update_many(cursor, "tasks", "id", batch.task_updates)
         self._update_many(cursor, "worker_notifications", "id", batch.note_updates)
         if batch.workers:

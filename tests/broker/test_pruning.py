@@ -70,9 +70,9 @@ def fill(store: Store, tasks: list[tuple[str, str, float | None, int]]) -> None:
     batch = Batch()
     next_note = 1
     for task_id, state, age_s, notes in tasks:
-        batch.new_tasks.append(task_row(task_id, state, age_s))
+        batch.add_task(task_row(task_id, state, age_s))
         for _ in range(notes):
-            batch.new_notes.append(note_row(next_note, task_id))
+            batch.add_note(note_row(next_note, task_id))
             next_note += 1
     store.commit(batch)
 
@@ -142,7 +142,7 @@ def counts(pruned: Pruned) -> tuple[int, int]:
 def fill_note_last(store: Store, task_id: str) -> None:
     """Give `task_id` the newest notification."""
     batch = Batch()
-    batch.new_notes.append(note_row(store.max_note_id() + 1, task_id))
+    batch.add_note(note_row(store.max_note_id() + 1, task_id))
     store.commit(batch)
 
 
