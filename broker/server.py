@@ -15,7 +15,6 @@ Limits:
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import threading
 import time
@@ -49,6 +48,8 @@ EXIT_BIND_FAILED = 5
 EXIT_CRASHED = 1
 #: Largest capacity a worker may announce.
 MAX_CAPACITY = 10_000
+#: Turns with at most this many messages make the next poll spin (spin_s).
+SPIN_AFTER_MESSAGES = 4
 #: Longest that writes no message depends on may wait for a shared commit.
 LAZY_COMMIT_S = 0.05
 #: Messages to workers that may wait until the client replies are sent.
@@ -195,11 +196,15 @@ class Broker:
 
         budget = self.settings.batch_max
         # Poll is level-triggered: a socket it did not report holds nothing.
-        worker_count = 0
+        worker_count = client_count = 0
         if self.workers in readable:
             worker_count = self._drain_workers(budget)
         if self.clients in readable:
-            self._drain_clients(max(budget - worker_count, 1), replies)
+            client_count = self._drain_clients(max(budget - worker_count, 1), replies)
+        if 0 < worker_count + client_count <= SPIN_AFTER_MESSAGES:
+            # Sparse traffic: a reply is likely soon, so spin before sleeping.
+            # Under load the socket is rarely empty and spinning only burns CPU.
+            self._last_busy = now
         self.scheduler.tick(may_expire=worker_count < budget)
         self.scheduler.assign()
 
@@ -252,19 +257,8 @@ class Broker:
         if self._held_replies:
             due = min(due, self._held_replies[0][0])
         timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
-        spin_until = min(self._last_busy + self.settings.spin_s, now + timeout_s)
-        while now < spin_until:
-            found = self.poller.poll(0)
-            if found:
-                self._last_busy = time.monotonic()
-                return dict(found)
-            os.sched_yield()
-            now = time.monotonic()
-        timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
-        found = self.poller.poll(int(timeout_s * 1000))
-        if found:
-            self._last_busy = time.monotonic()
-        return dict(found)
+        spin_s = max(0.0, self._last_busy + self.settings.spin_s - now)
+        return protocol.poll(self.poller, timeout_s, spin_s)
 
     # --- workers -------------------------------------------------------------------
 
@@ -283,6 +277,8 @@ class Broker:
                 raise
             except Exception:  # one message is a loop boundary: log, go on
                 logger.exception("broker.message_failed endpoint=workers")
+            if not protocol.has_input(self.workers):
+                break
         return count
 
     def _on_worker(self, frames: list[bytes], at: float) -> None:
@@ -351,11 +347,13 @@ class Broker:
 
     # --- clients -------------------------------------------------------------------
 
-    def _drain_clients(self, budget: int, replies: list[Reply]) -> None:
-        for _ in range(budget):
+    def _drain_clients(self, budget: int, replies: list[Reply]) -> int:
+        count = 0
+        while count < budget:
             frames = protocol.recv_frames(self.clients)
             if frames is None:
                 break
+            count += 1
             try:
                 identity, rest = protocol.split_client_envelope(frames)
             except ProtocolError as exc:
@@ -380,6 +378,9 @@ class Broker:
                 rid = getattr(msg, "rid", 0)
                 text = f"the broker failed on this request: {type(exc).__name__}"
                 replies.append((identity, protocol.Error(rid, "HakobuError", text)))
+            if not protocol.has_input(self.clients):
+                break
+        return count
 
     def _send_clients(self, replies: list[Reply], now: float) -> None:
         if self._delayed_identities or self._held_replies:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import operator
 import os
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from typing import IO, Any, TypeVar
 import peewee
 from loguru import logger
 
+from broker.checkpointer import Checkpointer
 from broker.models import (
     MODELS,
     UNUSUAL_ENDS,
@@ -117,6 +119,8 @@ class Store:
             "foreign_keys": 1,
             "busy_timeout": BUSY_TIMEOUT_MS,
             "cache_size": -64_000,
+            # The Checkpointer thread checkpoints instead of the commits.
+            "wal_autocheckpoint": 0,
         }
         self.db = peewee.SqliteDatabase(path, pragmas=pragmas, autoconnect=False)
         database.initialize(self.db)
@@ -126,12 +130,15 @@ class Store:
         except (peewee.PeeweeException, sqlite3.Error) as exc:
             self._lock.close()
             raise StoreError(f"cannot open store {path}: {exc}") from exc
+        self._checkpointer = Checkpointer(path)
+        self._checkpointer.start()
 
     def _cursor(self) -> Any:
         return self.db.cursor()  # type: ignore[no-untyped-call]
 
     def close(self) -> None:
         """Close the connection and release the store lock; idempotent."""
+        self._checkpointer.stop()
         if not self.db.is_closed():
             self.db.close()
         if not self._lock.closed:
@@ -235,18 +242,20 @@ class Store:
                 f'"{c}" = excluded."{c}"' for c in columns if c not in kept
             )
             sql += f' ON CONFLICT ("{upsert}") DO UPDATE SET {changes}'
-        cursor.executemany(sql, [tuple(row[c] for c in columns) for row in rows])
+        values = operator.itemgetter(*columns)
+        if len(columns) == 1:
+            cursor.executemany(sql, [(values(row),) for row in rows])
+        else:
+            cursor.executemany(sql, [values(row) for row in rows])
 
     def _update_many(
         self, cursor: Any, table: str, key: str, updates: dict[Any, dict[str, Any]]
     ) -> None:
-        # Rows changing the same set of columns share one executemany.
+        # Rows changing the same columns (named in the same order, as one
+        # code path does) share one executemany.
         groups: dict[tuple[str, ...], list[tuple[Any, ...]]] = {}
         for row_id, values in updates.items():
-            columns = tuple(sorted(values))
-            groups.setdefault(columns, []).append(
-                (*(values[c] for c in columns), row_id)
-            )
+            groups.setdefault(tuple(values), []).append((*values.values(), row_id))
         param = self.db.param
         for columns, params in groups.items():
             assignments = ", ".join(f'"{c}" = {param}' for c in columns)

@@ -10,7 +10,7 @@ import os
 import secrets
 import socket
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import zmq
 from loguru import logger
@@ -24,11 +24,6 @@ from sdk.errors import ProtocolError
 LINGER_MS = 500
 #: Most messages read from the socket in one loop turn.
 RECV_BATCH = 1000
-
-# Flags and options as plain ints, computed once.
-_NOBLOCK = int(zmq.NOBLOCK)
-_EVENTS = int(zmq.EVENTS)
-_POLLIN = int(zmq.POLLIN)
 
 
 class Session:
@@ -135,14 +130,13 @@ class Session:
         if sock is None:
             return found
         for _ in range(RECV_BATCH):
-            frames = _recv_frames(sock)
+            frames = protocol.recv_frames(sock)
             if frames is None:
                 break
             message = self._accept(frames, now)
             if message is not None:
                 found.append(message)
-            # Cheaper than a last recv that fails with zmq.Again.
-            if not cast(int, sock.getsockopt(_EVENTS)) & _POLLIN:
+            if not protocol.has_input(sock):
                 break
         return found
 
@@ -200,21 +194,3 @@ class Session:
         self.close(linger_ms=0)
         self._reconnect_at = now + self._backoff_s
         self._backoff_s = min(self._backoff_s * 2, self._settings.reconnect_max_s)
-
-
-def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
-    """Return the frames of the next message, or None when none is waiting.
-
-    Frames are taken uncopied and asked for `more` (libzmq's flag on the
-    message), then copied to bytes: a getsockopt(RCVMORE) per frame costs
-    more, as pyzmq looks every option up in its enum first.
-    """
-    try:
-        frame = sock.recv(_NOBLOCK, copy=False)
-    except zmq.Again:
-        return None
-    frames = [frame.bytes]
-    while frame.more:
-        frame = sock.recv(_NOBLOCK, copy=False)
-        frames.append(frame.bytes)
-    return frames
