@@ -36,7 +36,7 @@ class BenchConfig:
     mode: str = "burst"
     batch: int = 100
     durability: str = "normal"
-    capacity: int = 4
+    capacity: int = 8
     with_ceilings: bool = True
 
 

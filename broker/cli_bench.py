@@ -45,7 +45,13 @@ def bench_command(
         str,
         typer.Option(help="SQLite synchronous for broker and ceiling: normal|full."),
     ] = "normal",
-    capacity: Annotated[int, typer.Option(min=1, help="Capacity of each worker.")] = 4,
+    capacity: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Capacity of each worker: handler processes, so tasks in flight.",
+        ),
+    ] = 8,
     ceilings: Annotated[
         bool,
         typer.Option(help="Also measure the bare transport and store ceilings."),
