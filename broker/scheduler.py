@@ -183,6 +183,7 @@ class Scheduler:
         worker.unavailable_since = self.now if msg.draining else None
         worker.is_unroutable = worker.is_awaiting_ready = False
         worker.recovery_deadline = None
+        worker.reconnect_grace_until = 0.0
         held = {(str(t), int(a)) for t, a in msg.held}
         self._reconcile(worker, held, same_process)
         if not worker.held:
@@ -338,6 +339,16 @@ class Scheduler:
             worker.is_unroutable = True
             worker.unavailable_since = worker.unavailable_since or self.now
 
+    def stale_session(self, worker_id: str) -> None:
+        """A replaced process spoke with this id, so it holds the id's
+        connection now: the current process is cut off until it notices the
+        silence and registers again. Give it that long before silence counts.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.state in ("online", "draining"):
+            window = self.settings.liveness * self.settings.heartbeat_interval_s
+            worker.reconnect_grace_until = self.now + 2 * window + 1.0
+
     def ask_ready(self, worker_id: str) -> None:
         """Stop assigning to a worker until it registers again."""
         worker = self.workers.get(worker_id)
@@ -483,6 +494,8 @@ class Scheduler:
                     logger.warning("worker.lost worker={} reason=not_back", worker.id)
                 continue
             if worker.state not in ("online", "draining"):
+                continue
+            if self.now < worker.reconnect_grace_until:
                 continue
             silent = self.now - worker.last_heard_at
             if silent > limit:

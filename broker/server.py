@@ -293,6 +293,7 @@ class Broker:
         session = msg.s
         status = scheduler.session_status(worker_id, session)
         if status == "replaced":
+            scheduler.stale_session(worker_id)
             reason = f"worker id {worker_id} was taken over by a newer process"
             logger.warning("worker.refused worker={} reason=replaced", worker_id)
             stop = protocol.Stop(s=session, reason=reason)

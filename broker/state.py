@@ -244,6 +244,9 @@ class WorkerState:
     old_sessions: set[str] = field(default_factory=set)
     #: Monotonic deadline for a worker recovered from the store to re-register.
     recovery_deadline: float | None = None
+    #: Monotonic time until which silence does not make it lost: a stale
+    #: process with its id took its connection (see Scheduler.stale_session).
+    reconnect_grace_until: float = 0.0
 
     @property
     def is_assignable(self) -> bool:
