@@ -6,15 +6,22 @@ from pathlib import Path
 from typing import Any
 
 
-def draw(figures: dict[str, Any], folder: Path) -> list[Path]:
-    """Write latency.png and throughput.png into folder; return their paths."""
+def check_available() -> None:
+    """Exit with a clear message when matplotlib is missing; call before a run."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError as exc:
         raise SystemExit('plotting needs matplotlib: pip install -e ".[plot]"') from exc
+
+
+def draw(figures: dict[str, Any], folder: Path) -> list[Path]:
+    """Write latency.png and throughput.png into folder; return their paths."""
+    check_available()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
 

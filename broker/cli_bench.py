@@ -92,6 +92,10 @@ def bench_command(
         capacity=capacity,
         with_ceilings=ceilings,
     )
+    if plot is not None:
+        from benchmarks.plot import check_available
+
+        check_available()  # before the run, not after it
     # SIGTERM unwinds like Ctrl-C, so the harness stops what it started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     figures = run(config, _progress)
@@ -122,10 +126,11 @@ def _progress(done: int, total: int, elapsed_s: float) -> None:
 
 def _show(figures: dict[str, Any]) -> None:
     config = figures["config"]
+    batch = f"batch {config['batch']}, " if config["mode"] == "burst" else ""
     typer.echo(
         f"{config['tasks']} no-op tasks, {config['workers']} workers x "
         f"{config['capacity']}, {config['clients']} client(s), mode {config['mode']}, "
-        f"batch {config['batch']}, durability {config['durability']}"
+        f"{batch}durability {config['durability']}"
     )
     typer.echo(
         f"delivery rate    {figures['delivery_rate'] * 100:.2f}%  "

@@ -153,7 +153,9 @@ def run_up(
             if problem:
                 typer.echo(f"error: {problem}", err=True)
                 return 1
-            _print_layout(settings, ids, worker_capacity, children, log_dir)
+            _print_layout(
+                settings, ids, worker_capacity, children, log_dir, demo is None
+            )
             if demo is not None:
                 from broker.cli_demo import run_demo
 
@@ -233,6 +235,7 @@ def _print_layout(
     capacity: int,
     children: Children,
     log_dir: Path,
+    stays_up: bool,
 ) -> None:
     pids = ", ".join(f"{w} (pid {children.procs[w].pid})" for w in ids)
     lines = [
@@ -242,9 +245,12 @@ def _print_layout(
         f"store     {Path(settings.db).resolve()}",
         f"online    {pids}, capacity {capacity} each",
         f"logs      {log_dir}",
-        f"try       hakobu submit echo --payload '\"hi\"' --wait "
-        f"--endpoint {connectable(settings.clients_endpoint)}",
     ]
+    if stays_up:  # a demo run stops when it is done: nothing to try then
+        lines.append(
+            f"try       hakobu submit echo --payload '\"hi\"' --wait "
+            f"--endpoint {connectable(settings.clients_endpoint)}"
+        )
     typer.echo("\n".join(lines))
 
 

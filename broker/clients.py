@@ -221,7 +221,8 @@ class ClientDesk:
         for task_id in ids:
             data = self._task_map(task_id)
             if data is None:
-                return _error(rid, "TaskNotFound", f"no task with id {task_id!r}")
+                maps.append({"id": task_id, "state": "", "missing": True})
+                continue
             size = _size(data)
             if maps and size > budget:
                 data = {"id": task_id, "state": data["state"], "omitted": True}
@@ -276,9 +277,7 @@ class ClientDesk:
         pending = set()
         for task_id in msg.ids:
             data = self._task_map(task_id)
-            if data is None:
-                return _error(msg.rid, "TaskNotFound", f"no task with id {task_id!r}")
-            if data["state"] in _OPEN_STATES:
+            if data is not None and data["state"] in _OPEN_STATES:
                 pending.add(task_id)
         if not pending or msg.timeout <= 0:
             return self._many_reply(msg.rid, msg.ids)

@@ -234,7 +234,8 @@ def _load(
             continue
         if key not in _field_names(cls):
             raise ConfigError(f"unknown {role} setting {key!r}")
-        values[key] = _convert(cls, key, value, f"--{key.replace('_', '-')}")
+        # Flags are named for people (--retention, --id), not for settings.
+        values[key] = _convert(cls, key, value, "the command line")
 
     return cls(**values)
 

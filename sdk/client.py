@@ -50,6 +50,7 @@ from sdk.errors import (
     InvalidRequest,
     ResultTimeout,
     TaskFailed,
+    TaskNotFound,
     TransportError,
     error_from_reply,
 )
@@ -283,11 +284,15 @@ class Client:
         many tasks costs a few round trips instead of one each.
 
         Raises:
-            TaskFailed: the first task (in the order given) that ended failed or
-                cancelled, unless `return_exceptions` is true, in which case
-                its TaskFailed takes its place in the list.
+            TaskFailed, TaskNotFound: the first task (in the order given)
+                that ended failed or cancelled, or that the broker does not
+                know, unless `return_exceptions` is true: then that error
+                takes the task's place in the list.
+            InvalidRequest: `tasks` is a single id or handle, not a list.
             ResultTimeout: `timeout` seconds passed before every task ended.
         """
+        if isinstance(tasks, str | TaskHandle):
+            raise InvalidRequest("gather takes a list of task ids or handles")
         ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
         for task_id in ids:
             _check_id(task_id)
@@ -298,9 +303,12 @@ class Client:
             infos.update(self._gather_chunk(chunk, deadline, timeout))
         values = []
         for task_id in ids:
+            info = infos.get(task_id)
             try:
-                values.append(_outcome(infos[task_id]))
-            except TaskFailed as exc:
+                if info is None:
+                    raise TaskNotFound(f"no task with id {task_id!r}")
+                values.append(_outcome(info))
+            except (TaskFailed, TaskNotFound) as exc:
                 if not return_exceptions:
                     raise
                 values.append(exc)
@@ -326,6 +334,8 @@ class Client:
             for task_id, raw in zip(waiting, maps, strict=True):
                 if not isinstance(raw, dict):
                     raise DecodeError("broker sent a malformed task record")
+                if raw.get("missing"):
+                    continue  # unknown: no info, gather reports TaskNotFound
                 if raw.get("omitted"):
                     # Too big to share a reply: fetched on its own.
                     info = self.status(task_id)

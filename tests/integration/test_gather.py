@@ -86,6 +86,10 @@ def test_gather_of_an_unknown_id_is_task_not_found(cluster: Cluster) -> None:
 
     with pytest.raises(TaskNotFound, match=never):
         client.gather([known, never], timeout=10)
+    values = client.gather([never, known], timeout=10, return_exceptions=True)
+    assert (type(values[0]), values[1]) == (TaskNotFound, 1)
+    with pytest.raises(InvalidRequest, match="list of task ids"):
+        client.gather(known.id)
 
 
 @pytest.mark.timeout(60)

@@ -25,8 +25,10 @@ def test_tasks_by_state_list_exactly_the_tasks_in_it(
     running = [client.submit("probe_sleep", 30) for _ in range(2)]
     queued = client.submit("echo", "later")
     wait_until(
-        lambda: all(ledger.starts(h.id) for h in running)
-        and all(client.status(h.id).state == "running" for h in running),
+        lambda: (
+            all(ledger.starts(h.id) for h in running)
+            and all(client.status(h.id).state == "running" for h in running)
+        ),
         15.0,
         what="both sleepers running",
     )
