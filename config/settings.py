@@ -23,6 +23,8 @@ from config.errors import ConfigError
 DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 #: Longest worker id, in UTF-8 bytes; ZeroMQ refuses longer routing ids.
 MAX_WORKER_ID_BYTES = 255
+#: The TOML tables, one per role.
+ROLES = ("broker", "worker", "client")
 #: Name of the TOML file looked for in the working folder.
 DEFAULT_CONFIG_FILE = "hakobu.toml"
 ENV_PREFIX = "HAKOBU_"
@@ -266,6 +268,12 @@ def _file_values(
     for key in shared:
         if key not in anyone:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ROLES:
+            raise ConfigError(
+                f"config file {path}: unknown table [{key}]; the tables are "
+                + ", ".join(f"[{r}]" for r in ROLES)
+            )
     found = [(k, v, f"{path}") for k, v in shared.items() if k in known]
     table = data.get(role, {})
     if not isinstance(table, dict):

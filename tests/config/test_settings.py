@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -266,6 +267,17 @@ def test_unknown_key_in_role_table_is_refused(tmp_path: Path) -> None:
 
     message = config_error(info)
     assert "livenes" in message and str(path) in message
+
+
+@pytest.mark.parametrize("loader", [load_broker_settings, load_client_settings])
+def test_unknown_table_is_refused_by_every_role(tmp_path: Path, loader: Any) -> None:
+    path = write_toml(tmp_path, "[brokr]\nretention_s = -5\n")
+
+    with pytest.raises(ConfigError) as info:
+        loader(config=path, env={})
+
+    message = config_error(info)
+    assert "unknown table [brokr]" in message and str(path) in message
 
 
 @pytest.mark.parametrize(
