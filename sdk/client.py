@@ -11,8 +11,9 @@ Limits:
     thread parked in `result()` holds the client for up to one wait chunk
     (30 s). Threads that wait on results at the same time should each use
     their own `Client`.
-    `result(id, timeout)` can overrun `timeout` by up to (retries + 1) request
-    timeouts when the broker stops answering; it then raises BrokerUnavailable.
+    `result(id, timeout)` and `gather(..., timeout)` can overrun `timeout` by
+    one request timeout when the broker stops answering; they then raise
+    BrokerUnavailable.
 """
 
 from __future__ import annotations
@@ -256,6 +257,7 @@ class Client:
         """
         _check_id(task_id)
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        give_up = self._give_up_at(deadline)
 
         def chunk() -> float:
             if deadline is None:
@@ -263,7 +265,9 @@ class Client:
             return max(0.0, min(WAIT_CHUNK_S, deadline - time.monotonic()))
 
         while True:
-            info = _task(self._call(lambda rid: protocol.Wait(rid, task_id, chunk())))
+            info = _task(
+                self._call(lambda rid: protocol.Wait(rid, task_id, chunk()), give_up)
+            )
             if info.is_terminal:
                 return _outcome(info)
             if deadline is not None and time.monotonic() >= deadline:
@@ -326,7 +330,7 @@ class Client:
             else:
                 chunk_s = max(0.0, min(WAIT_CHUNK_S, deadline - time.monotonic()))
             request = functools.partial(protocol.WaitMany, ids=waiting, timeout=chunk_s)
-            data = self._call(request)
+            data = self._call(request, self._give_up_at(deadline))
             maps = _field(data, "tasks", list)
             if len(maps) != len(waiting):
                 raise DecodeError(f"WAIT_MANY reply has {len(maps)} tasks")
@@ -353,6 +357,13 @@ class Client:
                 )
         return done
 
+    def _give_up_at(self, deadline: float | None) -> float | None:
+        """When waits bounded by `deadline` stop retrying a silent broker: one
+        request timeout after it, for the broker's reply to arrive."""
+        if deadline is None:
+            return None
+        return deadline + self.settings.request_timeout_s
+
     def cancel(self, task_id: str) -> TaskInfo:
         """Cancel the task if it has not ended; return its record."""
         _check_id(task_id)
@@ -373,11 +384,16 @@ class Client:
 
     # --- the Lazy Pirate exchange ---------------------------------------------
 
-    def _call(self, build: Callable[[int], protocol.Message]) -> dict[str, Any]:
+    def _call(
+        self,
+        build: Callable[[int], protocol.Message],
+        give_up_at: float | None = None,
+    ) -> dict[str, Any]:
         """Send build(rid) until a reply comes, resending on a fresh socket.
 
         `build` is called for each send with the same rid; it must make the same
-        request each time (a WAIT may shorten its timeout).
+        request each time (a WAIT may shorten its timeout). With `give_up_at`
+        (monotonic), no attempt waits past it and none starts after it.
         """
         with self._lock:
             channel = self._open_channel()
@@ -388,7 +404,7 @@ class Client:
                 message = build(rid)
                 frames = message.encode()
                 try:
-                    reply = self._exchange(channel, message, frames, rid)
+                    reply = self._exchange(channel, message, frames, rid, give_up_at)
                 except BaseException:
                     # NOTE: a REQ socket left between send and reply (Ctrl-C, a
                     # bad reply) would refuse the next send with EFSM.
@@ -408,6 +424,9 @@ class Client:
                     continue
                 failures += 1
                 if failures >= attempts:
+                    break
+                if give_up_at is not None and time.monotonic() >= give_up_at:
+                    attempts = failures
                     break
                 self._log.warning(
                     "client.retry command={} rid={} attempt={}", command, rid, failures
@@ -435,6 +454,7 @@ class Client:
         message: protocol.Message,
         frames: list[bytes],
         rid: int,
+        give_up_at: float | None = None,
     ) -> object:
         """Send `message` (as `frames`) once: the reply, _LOST or None (timeout).
 
@@ -447,6 +467,8 @@ class Client:
         except zmq.Again:
             return None
         deadline = time.monotonic() + _wait_s(message, self.settings.request_timeout_s)
+        if give_up_at is not None:
+            deadline = min(deadline, give_up_at)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         if channel.monitor is not None:

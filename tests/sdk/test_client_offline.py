@@ -183,6 +183,27 @@ def test_silent_endpoint_raises_broker_unavailable_within_the_retry_bound() -> N
     assert "bytes" not in str(caught.value)  # small requests get no size hint
 
 
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("call", ["result", "gather"])
+def test_waits_with_a_timeout_give_up_one_request_timeout_after_it(
+    call: str,
+) -> None:
+    # Given nothing answering, waits of 0.5 s, and 1 s request timeouts with
+    # 2 retries (each WAIT attempt would wait 0.5 + 1 s: 4.5 s in all)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Client(endpoint, request_timeout=1.0, retries=2) as client:
+        started = time.monotonic()
+        with pytest.raises(BrokerUnavailable):
+            if call == "result":
+                client.result("some-task", timeout=0.5)
+            else:
+                client.gather(["some-task", "other-task"], timeout=0.5)
+        elapsed = time.monotonic() - started
+
+    # Then the call ends one request timeout after its own timeout
+    assert 1.5 * 0.9 <= elapsed <= 1.5 + 1.0
+
+
 @pytest.mark.timeout(20)
 def test_unanswered_large_request_names_its_size_and_the_frame_limit(fake) -> None:
     # Given a broker whose frame limit (max_payload_bytes 1 MiB - slack) is
