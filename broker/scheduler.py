@@ -454,6 +454,8 @@ class Scheduler:
         )
 
     def _expire_start_deadlines(self) -> None:
+        if self._deadlines and self._deadlines[0][0] <= self.wall:
+            self.assign()  # a task that can start now is not late (deadline 0)
         while self._deadlines and self._deadlines[0][0] <= self.wall:
             _, _, task = heapq.heappop(self._deadlines)
             if task.state != "queued" or task.id not in self.tasks:

@@ -219,6 +219,26 @@ def test_start_deadline_fails_a_task_that_cannot_start(
 
 
 @pytest.mark.timeout(60)
+def test_start_deadline_zero_starts_at_once_or_fails_at_once(
+    cluster: Cluster, ledger: Ledger
+) -> None:
+    # Given an idle worker, a task that must start at once starts
+    client = start(cluster)
+    now = client.submit("echo", "now", start_deadline=0)
+    assert now.result(timeout=10) == "now"
+
+    # And behind a busy one it fails at once, saying the worker is busy
+    blocker = client.submit("probe_sleep", 3)
+    wait_running(client, ledger, blocker.id)
+    late = client.submit("echo", "late", start_deadline=0)
+    with pytest.raises(TaskFailed) as failed:
+        late.result(timeout=5.0)
+    assert failed.value.error_type == "StartDeadline"
+    assert "busy" in str(failed.value), str(failed.value)
+    client.cancel(blocker.id)
+
+
+@pytest.mark.timeout(60)
 def test_cancel_during_retry_backoff_stops_the_retries(cluster: Cluster) -> None:
     # Given a failing task with retries left, waiting out a 2.4 s backoff
     client = start(cluster)
