@@ -15,7 +15,7 @@ from typing import Any, cast
 from loguru import logger
 
 from broker.scheduler import Scheduler
-from broker.state import TaskState, row_to_wire
+from broker.state import OPEN_STATES, TaskState, row_to_wire
 from broker.store import Store
 from broker.validation import check_submit
 from sdk import protocol
@@ -35,7 +35,6 @@ RECENT_RESULT_BYTES = 64 * 1024
 RECENT_BYTES = 32 * 1024 * 1024
 #: Most ids in one WAIT_MANY request.
 MAX_WAIT_MANY_IDS = 1000
-_OPEN_STATES = ("queued", "assigned", "running")
 
 Reply = tuple[bytes, protocol.Message]
 
@@ -248,7 +247,7 @@ class ClientDesk:
             return protocol.Ok(rid=rid, data={"workers": workers})
         if isinstance(msg, protocol.ListTasks):
             limit = max(1, min(msg.limit, 10_000))
-            if msg.state in _OPEN_STATES:
+            if msg.state in OPEN_STATES:
                 # Open tasks live in memory; their rows may lag (see _start).
                 tasks = self._live_list(msg.state, msg.worker, limit)
             else:
@@ -263,7 +262,7 @@ class ClientDesk:
         data = self._task_map(task_id)
         if data is None:
             return _error(rid, "TaskNotFound", f"no task with id {task_id!r}")
-        if isinstance(msg, protocol.Wait) and data["state"] in _OPEN_STATES:
+        if isinstance(msg, protocol.Wait) and data["state"] in OPEN_STATES:
             self._park(Waiter(now, identity, rid, [task_id], {task_id}), msg.timeout)
             return None
         return _task_reply(rid, data)
@@ -277,7 +276,7 @@ class ClientDesk:
         pending = set()
         for task_id in msg.ids:
             data = self._task_map(task_id)
-            if data is not None and data["state"] in _OPEN_STATES:
+            if data is not None and data["state"] in OPEN_STATES:
                 pending.add(task_id)
         if not pending or msg.timeout <= 0:
             return self._many_reply(msg.rid, msg.ids)

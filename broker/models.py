@@ -19,6 +19,8 @@ from peewee import (
 
 database = DatabaseProxy()
 
+#: Task states that never change again.
+ENDED_STATES = ("succeeded", "failed", "cancelled")
 #: End states indexed by `task_unusual_end`; `succeeded` is not.
 UNUSUAL_ENDS = ("failed", "cancelled")
 #: worker_notifications.notification_type of an ASSIGN.

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.models import ENDED_STATES
 from broker.store import dump_list, load_list
 
 #: States of a task still in the broker's hands.
 OPEN_STATES = frozenset({"queued", "assigned", "running"})
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+TERMINAL_STATES = frozenset(ENDED_STATES)
 #: Legal task moves; anything else is a bug and raises.
 TRANSITIONS: frozenset[tuple[str, str]] = frozenset(
     {

@@ -27,6 +27,7 @@ from loguru import logger
 
 from broker.checkpointer import Checkpointer
 from broker.models import (
+    ENDED_STATES,
     MODELS,
     UNUSUAL_ENDS,
     Task,
@@ -44,8 +45,6 @@ KEYS_PER_QUERY = 500
 COMMIT_TRIES = 5
 
 TASK_COLUMNS = tuple(Task._meta.sorted_field_names)
-#: Task states that never change again; only tasks in these are ever pruned.
-ENDED_STATES = ("succeeded", "failed", "cancelled")
 
 T = TypeVar("T")
 

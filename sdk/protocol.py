@@ -15,9 +15,6 @@ escapes `decode`.
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
-import time
 import types
 import typing
 from dataclasses import dataclass, field
@@ -480,27 +477,6 @@ def recv_frames(sock: zmq.Socket[bytes]) -> list[bytes] | None:
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame.bytes)
     return frames
-
-
-def poll(poller: zmq.Poller, timeout_s: float, spin_s: float = 0.0) -> dict[Any, int]:
-    """Poll for up to `timeout_s`; for the first `spin_s` of it, poll without
-    sleeping and yield the CPU between polls.
-
-    A sleeping process costs a wake-up when a message comes (tens of
-    microseconds, more on a virtual machine whose idle CPU halts); one that
-    spins is already running. Other runnable processes still get the CPU.
-    """
-    if spin_s > 0:
-        end = time.monotonic() + min(spin_s, timeout_s)
-        while True:
-            found = poller.poll(0)
-            if found:
-                return dict(found)
-            if time.monotonic() >= end:
-                break
-            os.sched_yield()
-        timeout_s = max(0.0, timeout_s - spin_s)
-    return dict(poller.poll(math.ceil(timeout_s * 1000)))
 
 
 def has_input(sock: zmq.Socket[bytes]) -> bool:
