@@ -1,10 +1,14 @@
 """The delivery-rate harness: a real broker and workers on loopback, M no-op
 tasks from K client processes, and the figures that say how it went.
 
-Latencies come from two clocks: submit -> assign (until the worker's ACK of
-the ASSIGN was read) and burst submit -> result are read from the broker's
-own rows (`created_at`, `started_at`, `finished_at`); serial submit -> result
-is timed by the client around each `submit` + `result` pair.
+Latencies come from two clocks. Submit -> assign (until the broker committed
+the task's first ASSIGN) and burst submit -> result are read from the
+broker's rows (tasks `created_at` and `finished_at`, worker_notifications
+`created_at`); serial submit -> result is timed by the client around each
+`Client.call` (submit and wait in one request). Throughput counts from the
+first client's first submit to the last client's last result: a client's
+clock starts once it has imported the SDK and made its Client, as starting
+an interpreter is not the broker's work.
 """
 
 from __future__ import annotations
@@ -50,9 +54,10 @@ def run(
         broker = psutil.Process(_start(cluster, config))
         cpu_before = sum(broker.cpu_times()[:2])
         rss_before = broker.memory_info().rss
-        started = time.perf_counter()
         results = _drive_clients(cluster.clients_endpoint, config, cluster.db, progress)
-        elapsed = time.perf_counter() - started
+        # From the first client's first submit to the last client's last
+        # result: each client starts its clock once it is imported and connected.
+        elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
         cpu_used = sum(broker.cpu_times()[:2]) - cpu_before
         rss_after = broker.memory_info().rss
     finally:
@@ -60,7 +65,7 @@ def run(
     rows = _read_rows(cluster.db)
     shutil.rmtree(folder, ignore_errors=True)
 
-    accepted = sum(len(r["ids"]) for r in results)
+    accepted = sum(r["accepted"] for r in results)
     terminal = sum(1 for r in rows.values() if r["state"] in _TERMINAL)
     succeeded = sum(1 for r in rows.values() if r["state"] == "succeeded")
     assign_ms = [
@@ -163,17 +168,25 @@ def _drive_clients(
 def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, Any]:
     from sdk import Client
 
-    ids: list[str] = []
+    accepted = 0
     latencies: list[float] = []
     with Client(endpoint, request_timeout=30.0) as client:
+        # time.monotonic is one clock for every process on the machine.
+        started = time.monotonic()
         if mode == "serial":
             for _ in range(count):
-                started = time.perf_counter()
-                handle = client.submit("echo", None)
-                handle.result(timeout=60)
-                latencies.append((time.perf_counter() - started) * 1000)
-                ids.append(handle.id)
-            return {"ids": ids, "latencies_ms": latencies}
+                # One request submits and waits (Client.call).
+                submitted = time.perf_counter()
+                client.call("echo", None, wait=60)
+                latencies.append((time.perf_counter() - submitted) * 1000)
+                accepted += 1
+            ended = time.monotonic()
+            return {
+                "accepted": accepted,
+                "latencies_ms": latencies,
+                "started": started,
+                "ended": ended,
+            }
         handles = []
         if batch > 1:
             for start in range(0, count, batch):
@@ -182,8 +195,13 @@ def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, A
         else:
             handles = [client.submit("echo", None) for _ in range(count)]
         client.gather(handles, timeout=300)
-        ids = [handle.id for handle in handles]
-    return {"ids": ids, "latencies_ms": latencies}
+        ended = time.monotonic()
+    return {
+        "accepted": len(handles),
+        "latencies_ms": latencies,
+        "started": started,
+        "ended": ended,
+    }
 
 
 def _count_terminal(db: Path) -> int:
@@ -198,17 +216,20 @@ def _count_terminal(db: Path) -> int:
 
 
 def _read_rows(db: Path) -> dict[str, dict[str, Any]]:
-    # "Assigned" is when the broker read the worker's ACK of the ASSIGN (the
-    # task's started_at): the decision itself is taken in the submit's own
-    # loop turn whenever a slot is free, so its timestamp would read 0.
+    # "Assigned" is when the broker committed the task's first ASSIGN (the
+    # created_at of its worker_notifications row): the decision, taken in
+    # the submit's own loop turn whenever a slot is free. The worker's ACK is
+    # no clock for it, as a quick job's ACK travels with its RESULT.
+    sql = """
+        SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at,
+               (SELECT min(n.created_at) FROM worker_notifications n
+                WHERE n.task_id = t.id AND n.notification_type = 'task_assigned')
+               AS assigned_at
+        FROM tasks t
+    """
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
-        return {
-            r["id"]: {**dict(r), "assigned_at": r["started_at"]}
-            for r in conn.execute(
-                "SELECT id, state, created_at, started_at, finished_at FROM tasks"
-            )
-        }
+        return {r["id"]: dict(r) for r in conn.execute(sql)}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from loguru import logger
 
+from broker.keys import KeyIndex
 from broker.scheduler import Scheduler
 from broker.state import OPEN_STATES, TaskState, row_to_wire
 from broker.store import Store
@@ -22,9 +23,6 @@ from sdk import protocol
 from sdk.errors import DecodeError
 from sdk.ids import time_ordered_id
 
-#: Idempotency keys remembered in memory (older ones are looked up on disk);
-#: enough for the retries of every request in flight.
-KEY_CACHE_SIZE = 10_000
 #: Longest a single WAIT may be parked, in seconds.
 MAX_WAIT_S = 3600.0
 #: Ended tasks kept in memory for the WAIT and STATUS that usually follow.
@@ -59,7 +57,7 @@ class ClientDesk:
         self.scheduler = scheduler
         self.store = store
         self.max_payload_bytes = max_payload_bytes
-        self.keys: OrderedDict[str, str] = OrderedDict()
+        self.keys = KeyIndex(store)
         self.recent: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._recent_bytes = 0
         self.waiters: dict[str, list[Waiter]] = {}
@@ -76,6 +74,8 @@ class ClientDesk:
             replies.append((identity, self._submit(msg)))
         elif isinstance(msg, protocol.SubmitMany):
             replies.append((identity, self._submit_many(msg)))
+        elif isinstance(msg, protocol.Run):
+            self._run(identity, msg, replies)
         elif isinstance(msg, protocol.Cancel):
             task = self.scheduler.cancel(msg.id)
             if task is not None:
@@ -88,11 +88,28 @@ class ClientDesk:
         error = self._check(msg)
         if error is not None:
             return error
-        task_id = self._known_key(msg.key)
+        task_id = self.keys.find(msg.key)
         if task_id is not None:
             return protocol.Ok(rid=msg.rid, data={"id": task_id, "created": False})
         task = self._accept(msg)
         return protocol.Ok(rid=msg.rid, data={"id": task.id, "created": True})
+
+    def _run(self, identity: bytes, msg: protocol.Run, replies: list[Reply]) -> None:
+        try:
+            built = protocol.build(protocol.Submit, {**msg.task, "rid": msg.rid})
+        except DecodeError as exc:
+            replies.append((identity, _error(msg.rid, "InvalidRequest", str(exc))))
+            return
+        request = cast(protocol.Submit, built)
+        error = self._check(request)
+        if error is not None:
+            replies.append((identity, error))
+            return
+        task_id = self.keys.find(request.key)
+        if task_id is None:
+            task_id = self._accept(request).id
+        # Answered after the commit as a WAIT: at once if it ended, else parked.
+        self._reads.append((identity, protocol.Wait(msg.rid, task_id, msg.timeout)))
 
     def _submit_many(self, msg: protocol.SubmitMany) -> protocol.Message:
         requests = []
@@ -106,11 +123,11 @@ class ClientDesk:
             if error is not None:
                 return _error(msg.rid, error.type, f"task {index}: {error.message}")
             requests.append(request)
-        unseen = [r.key for r in requests if r.key not in self.keys]
-        on_disk = self.store.task_ids_for_keys(unseen)
+        known = self.keys.find_many([r.key for r in requests])
         ids, created = [], []
         for request in requests:
-            task_id = self.keys.get(request.key) or on_disk.get(request.key)
+            # A key repeated within the request made its task a moment ago.
+            task_id = known.get(request.key) or self.keys.in_memory(request.key)
             if task_id is None:
                 task_id = self._accept(request).id
                 created.append(True)
@@ -137,17 +154,9 @@ class ClientDesk:
             return _error(msg.rid, "InvalidRequest", problem)
         return None
 
-    def _known_key(self, key: str) -> str | None:
-        task_id = self.keys.get(key)
-        if task_id is None:
-            task_id = self.store.task_id_for_key(key)
-        return task_id
-
     def _accept(self, msg: protocol.Submit) -> TaskState:
         task = self.scheduler.submit(msg, time_ordered_id())
-        self.keys[msg.key] = task.id
-        if len(self.keys) > KEY_CACHE_SIZE:
-            self.keys.popitem(last=False)
+        self.keys.add(msg.key, task.id)
         worker = self.scheduler.workers.get(msg.preferred_worker or "")
         if worker is not None and worker.state == "unknown":
             logger.warning(
@@ -165,8 +174,7 @@ class ClientDesk:
             data = self.recent.pop(task_id, None)
             if data is not None:
                 self._recent_bytes -= _size(data)
-        for key in keys:
-            self.keys.pop(key, None)
+        self.keys.forget(keys)
 
     # --- after the commit ----------------------------------------------------------
 

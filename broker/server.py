@@ -27,6 +27,7 @@ import zmq
 from loguru import logger
 
 from broker.clients import ClientDesk, Reply
+from broker.confirmations import HeldConfirmations
 from broker.ratelimit import RateLimit
 from broker.retention import Pruner
 from broker.scheduler import Effects, Scheduler, recover
@@ -56,6 +57,8 @@ SPIN_AFTER_MESSAGES = 4
 LAZY_COMMIT_S = 0.05
 #: Messages to workers that may wait until the client replies are sent.
 _DEFERRABLE = (protocol.Stored, protocol.Heartbeat)
+#: Messages that carry a decision: held STOREDs to their worker travel behind.
+_DECISIONS = (protocol.Assign, protocol.Abort)
 #: Messages that carry no decision, so they need no commit before sending.
 _CHATTER = (protocol.Heartbeat, protocol.Welcome, protocol.Reconnect, protocol.Stop)
 
@@ -95,6 +98,7 @@ class Broker:
         self._carry: Batch | None = None
         self._carry_since = 0.0
         self._last_busy = 0.0
+        self.confirmations = HeldConfirmations()
         self.pruner = Pruner(self.store, settings)
         self._recover()
 
@@ -218,16 +222,24 @@ class Broker:
         elif self._carry is None and len(effects.batch):
             self._carry, self._carry_since = effects.batch, now
 
+        # Decisions go out first, as they are what a task waits on; client
+        # replies next; confirmations and heartbeats last: a reply may end a
+        # client's wait, a STORED only lets a worker drop its copy.
+        first = [(w, m) for w, m in effects.sends if type(m) not in _DEFERRABLE]
+        self._send_workers(first)
         self.desk.after_commit(effects.ended, now, replies)
         for task in effects.ended:
             self.scheduler.tasks.pop(task.id, None)
-        # Confirmations and heartbeats go after the client replies: a reply
-        # may end a client's wait, a STORED only lets a worker drop its copy.
-        first = [(w, m) for w, m in effects.sends if type(m) not in _DEFERRABLE]
-        self._send_workers(first)
         self._send_clients(replies, now)
+        later = []
         if len(first) < len(effects.sends):
-            self._send_workers([s for s in effects.sends if type(s[1]) in _DEFERRABLE])
+            later = [s for s in effects.sends if type(s[1]) is protocol.Heartbeat]
+            stored = [s for s in effects.sends if type(s[1]) is protocol.Stored]
+            self.confirmations.hold(stored, now)
+        decided = {w for w, m in first if type(m) in _DECISIONS}
+        later += self.confirmations.release(decided, now)
+        if later:
+            self._send_workers(later)
         # Prune only between commits, never interleaved with staged writes.
         if self._carry is None and now >= self.pruner.due_at(now):
             pruned = self.pruner.run(now, wall)
@@ -258,6 +270,7 @@ class Broker:
             due = min(due, wait_deadline)
         if self._held_replies:
             due = min(due, self._held_replies[0][0])
+        due = min(due, self.confirmations.due_at())
         timeout_s = min(max(due - now, 0.0), MAX_POLL_S)
         spin_s = max(0.0, self._last_busy + self.settings.spin_s - now)
         return _spin_poll(self.poller, timeout_s, spin_s)
@@ -432,6 +445,9 @@ class Broker:
         if self._carry is not None and commit:
             self.store.commit(self._carry)
         self._carry = None
+        if commit and not self.workers.closed:
+            # Confirmations of results stored: spares the workers a resend.
+            self._send_workers(self.confirmations.release(set(), math.inf))
         for sock in (self.workers, self.clients):
             if not sock.closed:
                 sock.close(LINGER_MS)

@@ -85,6 +85,17 @@ class SubmitMany(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Run(Message):
+    """Submit one task and wait for it, in one request: `task` is a SUBMIT body
+    without rid; the reply is WAIT's, once the task ended or `timeout` passed."""
+
+    COMMAND: ClassVar[bytes] = b"RUN"
+    rid: int
+    task: dict[str, Any]
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
 class Status(Message):
     COMMAND: ClassVar[bytes] = b"STATUS"
     rid: int
@@ -314,6 +325,7 @@ CLIENT_REQUESTS: dict[bytes, type[Message]] = {
     for m in (
         Submit,
         SubmitMany,
+        Run,
         Status,
         Wait,
         WaitMany,

@@ -1,15 +1,17 @@
 """The worker runtime: one thread, one poll loop, one DEALER socket.
 
 The loop polls the DEALER, a wake-up socket pair (signals, `request_stop`) and
-the executor's pipes and process sentinels, with a timeout set by the next
+the executor's reply pipes, with a timeout set by the next
 timer. It answers ASSIGN and ABORT with ACK in the same loop turn, keeps every
 RESULT in an outbox until STORED, heartbeats from its own timer, reconnects
 with backoff when the broker goes silent, and drains on SIGTERM/SIGINT.
 
 Messages to the broker are queued during a turn and sent together: one wake-up
-of ZeroMQ's I/O thread instead of one per message. Within a turn, the ACK of a
-batch of ASSIGN/ABORT goes after its jobs were handed to the children (so they
-start at once) and before any RESULT or RELEASE the batch caused.
+of ZeroMQ's I/O thread instead of one per message. The ACK of ASSIGN/ABORT
+waits up to ACK_DELAY_S for the next message that goes anyway (a quick job's
+RESULT, usually) and goes first in it, before any RESULT or RELEASE its jobs
+caused: a quick task then costs the worker one send, not two, and its
+handler starts while nothing else is being sent.
 
 Limits:
 - A Worker runs once; build a new one to run again.
@@ -46,10 +48,13 @@ from worker.wakeup import Wakeup, install_signal_handlers
 EXIT_OK = 0
 #: Exit code when the broker said STOP (another process took this worker id).
 EXIT_STOPPED = 3
-#: Longest poll while handlers run, so a death no sentinel reports is seen.
+#: Longest poll while handlers run, so a death no pipe reports is seen.
 BUSY_POLL_S = 0.25
 #: Longest poll while no handler runs.
 IDLE_POLL_S = 1.0
+#: Longest an ACK waits to go out with another message. The broker resends an
+#: unacknowledged ASSIGN only after ack_timeout_s, which is seconds.
+ACK_DELAY_S = 0.005
 #: Failed loop turns in a row after which the error is raised, not logged.
 MAX_FAILED_TURNS = 50
 #: Longest the worker waits for its handler processes before registering.
@@ -96,6 +101,9 @@ class Worker:
         self._drain: Drain | None = None
         #: Messages for the broker queued in this loop turn, in order.
         self._outgoing: list[protocol.Message] = []
+        #: Notification ids received and not acknowledged yet, and by when.
+        self._acks: list[int] = []
+        self._acks_due_at = math.inf
 
     # --- public -------------------------------------------------------------
 
@@ -215,6 +223,7 @@ class Worker:
             if self._session.socket is not None
             else None,
             self._drain.next_at(is_busy) if self._drain is not None else None,
+            self._acks_due_at if self._acks else None,
         ):
             if at is not None and at < soonest:
                 soonest = at
@@ -232,13 +241,13 @@ class Worker:
         if self._session.socket is not None and self._session.socket in ready:
             code = self._receive(now)
             if code is not None:
-                self._flush()
+                self._flush(now, force=True)
                 self._session.close(linger_ms=0)
                 return code
         for outcome in self._executor.collect(now, ready):
             self._on_outcome(outcome, now)
         # Before the timers, which may replace the socket.
-        self._flush()
+        self._flush(now)
 
         self._session.tick(now)
         if self._session.socket is not None:
@@ -246,34 +255,31 @@ class Worker:
         code = None
         if self._drain is not None:
             code = self._drain_step(now, self._drain)
-        self._flush()
+        self._flush(now)
         return code
 
     def _receive(self, now: float) -> int | None:
-        messages = self._session.receive(now)
-        acks = [
-            m.n for m in messages if isinstance(m, protocol.Assign | protocol.Abort)
-        ]
-        mark = len(self._outgoing)
-        code = None
-        try:
-            for message in messages:
-                code = self._dispatch(message, now)
-                if code is not None:
-                    break
-        finally:
-            # The jobs are with the children now; the ACK of the whole batch
-            # still goes before any RELEASE or RESULT the batch caused.
-            if acks:
-                ack = protocol.Ack(s=self._session.token, n=acks)
-                self._outgoing.insert(mark, ack)
-        return code
+        for message in self._session.receive(now):
+            if isinstance(message, protocol.Assign | protocol.Abort):
+                if not self._acks:
+                    self._acks_due_at = now + ACK_DELAY_S
+                self._acks.append(message.n)
+            code = self._dispatch(message, now)
+            if code is not None:
+                return code
+        return None
 
     def _send(self, message: protocol.Message) -> None:
         """Queue `message` for the broker; `_flush` sends the queue in order."""
         self._outgoing.append(message)
 
-    def _flush(self) -> None:
+    def _flush(self, now: float, force: bool = False) -> None:
+        """Send the queued messages, led by the ACK when one is due or can ride."""
+        if self._acks and (self._outgoing or force or now >= self._acks_due_at):
+            ack = protocol.Ack(s=self._session.token, n=self._acks)
+            self._outgoing.insert(0, ack)
+            self._acks = []
+            self._acks_due_at = math.inf
         if self._outgoing:
             outgoing, self._outgoing = self._outgoing, []
             for message in outgoing:
@@ -440,7 +446,7 @@ class Worker:
             return None
         if len(self._outbox):
             self._log.warning("worker.results_unconfirmed count={}", len(self._outbox))
-        self._flush()
+        self._flush(now, force=True)
         self._session.send(protocol.Bye(s=self._session.token))
         self._session.close(linger_ms=drain.linger_ms(now))
         return EXIT_OK

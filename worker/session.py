@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import zmq
@@ -123,22 +123,24 @@ class Session:
             max_payload_bytes=self._settings.max_payload_bytes,
         )
 
-    def receive(self, now: float) -> list[protocol.Message]:
-        """Read waiting messages for this session; drop bad or foreign ones."""
-        found: list[protocol.Message] = []
-        sock = self.socket
-        if sock is None:
-            return found
+    def receive(self, now: float) -> Iterator[protocol.Message]:
+        """Yield waiting messages for this session; drop bad or foreign ones.
+
+        One at a time: the caller acts on each (an ASSIGN goes to its child)
+        before the next is read and decoded.
+        """
         for _ in range(RECV_BATCH):
+            sock = self.socket
+            if sock is None:
+                return
             frames = protocol.recv_frames(sock)
             if frames is None:
-                break
+                return
             message = self._accept(frames, now)
             if message is not None:
-                found.append(message)
-            if not protocol.has_input(sock):
-                break
-        return found
+                yield message
+            if self.socket is None or not protocol.has_input(self.socket):
+                return
 
     def _accept(self, frames: list[bytes], now: float) -> protocol.Message | None:
         try:

@@ -34,6 +34,7 @@ SAMPLES: list[p.Message] = [
         retries=4,
     ),
     p.SubmitMany(rid=3, tasks=[{"name": "echo", "payload": b"\xc0", "key": "a"}]),
+    p.Run(rid=3, task={"name": "echo", "payload": b"\xc0", "key": "a"}, timeout=5.0),
     p.Status(rid=4, id="t-1"),
     p.Wait(rid=5, id="t-1", timeout=2.5),
     p.WaitMany(rid=5, ids=["t-1", "t-2"], timeout=2.5),

@@ -68,6 +68,32 @@ def test_ready_assign_ack_result_stored(broker, start_worker):
     assert running.join(5.0) == 0
 
 
+def test_ack_leads_a_quick_result_and_goes_alone_for_a_long_job(broker, start_worker):
+    # Given a worker
+    start_worker("w1", capacity=2)
+    identity, ready = broker.register()
+
+    # When a quick job and a two-second job are assigned
+    quick = broker.assign(identity, ready.s, "t1", "echo", 1)
+    kinds = []
+    while len(kinds) < 2:
+        message = broker.recv()[1]
+        if not isinstance(message, Heartbeat):
+            kinds.append(type(message))
+    sent_at = time.monotonic()
+    slow = broker.assign(identity, ready.s, "t2", "sleep", 2.0)
+    ack = broker.expect(Ack, timeout_s=1.5)
+    acked_in = time.monotonic() - sent_at
+
+    # Then the quick job's ACK came right before its RESULT, and the slow
+    # job's ACK came on its own timer, long before its result
+    assert kinds == [Ack, Result]
+    assert ack.n == [slow] and slow == quick + 1
+    assert acked_in < 1.5
+    assert not [m for _, m in broker.seen if isinstance(m, Result) and m.task == "t2"]
+    assert broker.expect(Result, timeout_s=5.0, where=lambda m: m.task == "t2").ok
+
+
 def test_duplicate_assign_is_acked_but_not_run_again(broker, start_worker, tmp_path):
     # Given a worker running a task that writes one ledger line per execution
     ledger = tmp_path / "ledger"

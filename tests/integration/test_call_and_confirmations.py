@@ -1,0 +1,173 @@
+"""`Client.call` (submit and wait in one RUN request) and how the broker
+sends STORED: right behind the worker's next decision, or on its own within
+the hold time when no decision follows."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from helpers.cluster import Cluster
+from helpers.raw import RawSockets
+from helpers.waiting import wait_until
+
+from broker.confirmations import HOLD_S
+from sdk import InvalidRequest, ResultTimeout, TaskFailed, protocol
+
+
+@pytest.mark.timeout(60)
+def test_call_returns_the_value_and_raises_like_result(cluster: Cluster) -> None:
+    # Given a broker and one worker
+    cluster.start_broker()
+    cluster.start_worker("w1", capacity=2)
+    client = cluster.client()
+    cluster.wait_workers("w1")
+
+    # When tasks are called
+    value = client.call("echo", {"x": [1, 2]}, wait=30)
+    with pytest.raises(TaskFailed) as failed:
+        client.call("fail", "boom", wait=30)
+    with pytest.raises(ResultTimeout):
+        client.call("sleep", 5, wait=0.3)
+
+    # Then the value came back, the failure and the timeout were raised,
+    # and each call made exactly one task
+    assert value == {"x": [1, 2]}
+    assert failed.value.error_type == "RuntimeError"
+    rows = cluster.query("select name, state from tasks order by id")
+    assert [r[0] for r in rows] == ["echo", "fail", "sleep"]
+    assert [r[1] for r in rows[:2]] == ["succeeded", "failed"]
+
+
+@pytest.mark.timeout(60)
+def test_call_with_a_known_key_waits_for_that_task(cluster: Cluster) -> None:
+    # Given a task submitted with a key
+    cluster.start_broker()
+    cluster.start_worker("w1", capacity=2)
+    client = cluster.client()
+    first = client.submit("echo", "first", key="k-1")
+
+    # When the same key is called with another payload
+    value = client.call("echo", "second", key="k-1", wait=30)
+
+    # Then the call waited for the first task, and made none of its own
+    assert value == "first"
+    assert cluster.query("select count(*) from tasks")[0][0] == 1
+    assert first.result(timeout=5) == "first"
+
+
+@pytest.mark.timeout(30)
+def test_call_refuses_bad_arguments_before_sending(cluster: Cluster) -> None:
+    # Given a broker that is not running at all
+    client = cluster.client(request_timeout=0.2)
+
+    # Then bad keywords are refused at once, before anything is sent
+    with pytest.raises(InvalidRequest, match="colour"):
+        client.call("echo", 1, wait=5, colour="red")
+    with pytest.raises(InvalidRequest, match="retries"):
+        client.call("echo", 1, wait=5, retries=-1)
+
+
+@pytest.mark.timeout(30)
+def test_run_with_a_malformed_task_gets_an_error_reply(
+    cluster: Cluster, raw: RawSockets
+) -> None:
+    # Given a broker
+    cluster.start_broker()
+
+    # When RUN carries a task body with a wrong type and one with no name
+    wrong = protocol.Run(rid=7, task={"name": 5, "payload": b"", "key": "a"}, timeout=1)
+    nameless = protocol.Run(rid=8, task={"payload": b"", "key": "b"}, timeout=1)
+    replies = [
+        raw.request(cluster.clients_endpoint, m.encode()) for m in (wrong, nameless)
+    ]
+
+    # Then each is answered with InvalidRequest, and the broker still serves
+    assert [(r.rid, r.type) for r in replies] == [  # type: ignore[attr-defined]
+        (7, "InvalidRequest"),
+        (8, "InvalidRequest"),
+    ]
+    cluster.start_worker("w1")
+    assert cluster.client().call("echo", 3, wait=30) == 3
+    assert cluster.query("select count(*) from tasks")[0][0] == 1
+
+
+def fake_worker(cluster: Cluster, raw: RawSockets, capacity: int):  # type: ignore[no-untyped-def]
+    """Register a DEALER as worker "fake" and return (socket, session)."""
+    sock = raw.dealer(cluster.workers_endpoint, identity=b"fake")
+    session = "fake-session"
+    ready = protocol.Ready(
+        s=session,
+        worker_id="fake",
+        capacity=capacity,
+        handlers=["echo"],
+        pid=os.getpid(),
+        host="test",
+    )
+    sock.send_multipart(ready.encode())
+    return sock, session
+
+
+def next_message(raw: RawSockets, sock, timeout_s: float = 5.0) -> protocol.Message:  # type: ignore[no-untyped-def]
+    """Return the next broker message that is not a heartbeat or welcome."""
+    while True:
+        message = protocol.decode(raw.recv(sock, timeout_s), protocol.BROKER_MESSAGES)
+        if not isinstance(message, protocol.Heartbeat | protocol.Welcome):
+            return message
+
+
+def answer(sock, session: str, assign: protocol.Assign) -> None:  # type: ignore[no-untyped-def]
+    """ACK and finish `assign` with its own payload as the result."""
+    sock.send_multipart(protocol.Ack(s=session, n=[assign.n]).encode())
+    result = protocol.Result(
+        s=session, task=assign.task, attempt=assign.attempt, ok=True, value=b"\xc0"
+    )
+    sock.send_multipart(result.encode())
+
+
+@pytest.mark.timeout(30)
+def test_stored_travels_behind_the_next_assign(
+    cluster: Cluster, raw: RawSockets
+) -> None:
+    # Given a fake worker of capacity 1 and two queued tasks
+    cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
+    sock, session = fake_worker(cluster, raw, capacity=1)
+    cluster.wait_workers("fake")
+    client = cluster.client()
+    first, second = client.submit_many([("echo", 1), ("echo", 2)])
+
+    # When the first is answered
+    assign = next_message(raw, sock)
+    assert isinstance(assign, protocol.Assign) and assign.task == first.id
+    answer(sock, session, assign)
+
+    # Then the next ASSIGN comes first, the first task's STORED right behind it
+    following = [next_message(raw, sock), next_message(raw, sock)]
+    assert [type(m) for m in following] == [protocol.Assign, protocol.Stored]
+    assert (following[0].task, following[1].task) == (second.id, first.id)  # type: ignore[attr-defined]
+
+
+@pytest.mark.timeout(30)
+def test_stored_goes_alone_when_no_decision_follows(
+    cluster: Cluster, raw: RawSockets
+) -> None:
+    # Given a fake worker and a single task
+    cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
+    sock, session = fake_worker(cluster, raw, capacity=1)
+    cluster.wait_workers("fake")
+    handle = cluster.client().submit("echo", 1)
+    assign = next_message(raw, sock)
+    assert isinstance(assign, protocol.Assign)
+
+    # When it is answered and nothing else is queued
+    answered_at = time.monotonic()
+    answer(sock, session, assign)
+    stored = next_message(raw, sock, timeout_s=5.0)
+
+    # Then STORED still comes, after the hold time and well before any resend
+    waited = time.monotonic() - answered_at
+    assert isinstance(stored, protocol.Stored)
+    assert (stored.task, stored.attempt) == (handle.id, 1)
+    assert HOLD_S * 0.5 <= waited < 2.0
+    wait_until(lambda: handle.status().state == "succeeded", 5.0)
