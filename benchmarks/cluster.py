@@ -225,14 +225,24 @@ def free_port() -> int:
     """
     low, _ = _ephemeral_range()
     for _ in range(100):
-        port = random.randrange(PORT_FLOOR, max(low, PORT_FLOOR + 1000))
+        port = _ports.randrange(PORT_FLOOR, max(low, PORT_FLOOR + 1000))
+        if port in _handed_out:
+            continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-            return port
+        # Nothing holds the port until its user binds it: never hand it out again.
+        _handed_out.add(port)
+        return port
     raise RuntimeError("no free TCP port below the ephemeral range")
+
+
+#: Ports `free_port` returned in this process, and its own generator (tests
+#: may seed the `random` module).
+_handed_out: set[int] = set()
+_ports = random.Random()
 
 
 def _ephemeral_range() -> tuple[int, int]:

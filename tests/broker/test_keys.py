@@ -5,6 +5,7 @@ made a task is found again."""
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -126,6 +127,12 @@ def test_ids_are_32_hex_digits_ordered_by_time_and_distinct_after_fork() -> None
     assert len(set(made)) == len(made)
     times = [i[:13] for i in made]
     assert times == sorted(times)
+
+    # A caller seeding the random module does not repeat the random tails.
+    random.seed(7)
+    first = time_ordered_id()
+    random.seed(7)
+    assert time_ordered_id()[13:] != first[13:]
 
     read_end, write_end = os.pipe()
     pid = os.fork()
