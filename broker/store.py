@@ -286,17 +286,17 @@ class Store:
     def task_id_for_key(self, key: str) -> str | None:
         """Return the id of the task submitted with this idempotency key."""
         sql = f'SELECT "id" FROM "tasks" WHERE "key" = {self.db.param}'
-        try:
-            row = self._cursor().execute(sql, (key,)).fetchone()
-        except sqlite3.Error as exc:
-            raise StoreError(f"read failed: {exc}") from exc
-        return row[0] if row else None
+        return self._scalar(sql, key)
 
     def largest_key_below(self, limit: str) -> str | None:
         """Return the largest idempotency key that sorts below `limit`, or None."""
         sql = f'SELECT max("key") FROM "tasks" WHERE "key" < {self.db.param}'
+        return self._scalar(sql, limit)
+
+    def _scalar(self, sql: str, param: Any) -> Any:
+        """Return the first column of the query's first row, or None."""
         try:
-            row = self._cursor().execute(sql, (limit,)).fetchone()
+            row = self._cursor().execute(sql, (param,)).fetchone()
         except sqlite3.Error as exc:
             raise StoreError(f"read failed: {exc}") from exc
         return row[0] if row else None

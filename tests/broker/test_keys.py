@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import random
 import re
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +16,6 @@ from broker.store import Batch, Store
 from sdk.ids import time_ordered_id
 
 pytestmark = pytest.mark.timeout(20)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(str(tmp_path / "store.db"))
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def stored(store: Store, pairs: list[tuple[str, str]]) -> None:

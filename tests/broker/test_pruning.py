@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from loguru import logger
@@ -21,15 +19,6 @@ pytestmark = pytest.mark.timeout(20)
 
 #: Wall clock of the tests' "now"; tasks end at NOW - age.
 NOW = 1_700_000_000.0
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store(str(tmp_path / "store.db"))
-    try:
-        yield opened
-    finally:
-        opened.close()
 
 
 def task_row(task_id: str, state: str, age_s: float | None) -> dict[str, object]:

@@ -93,19 +93,23 @@ def test_run_with_a_malformed_task_gets_an_error_reply(
     assert cluster.query("select count(*) from tasks")[0][0] == 1
 
 
-def fake_worker(cluster: Cluster, raw: RawSockets, capacity: int):  # type: ignore[no-untyped-def]
-    """Register a DEALER as worker "fake" and return (socket, session)."""
+def fake_worker(cluster: Cluster, raw: RawSockets):  # type: ignore[no-untyped-def]
+    """Start a broker, register a DEALER as worker "fake" of capacity 1 and
+    return (socket, session)."""
+    # A long liveness: the fake sends no heartbeats.
+    cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
     sock = raw.dealer(cluster.workers_endpoint, identity=b"fake")
     session = "fake-session"
     ready = protocol.Ready(
         s=session,
         worker_id="fake",
-        capacity=capacity,
+        capacity=1,
         handlers=["echo"],
         pid=os.getpid(),
         host="test",
     )
     sock.send_multipart(ready.encode())
+    cluster.wait_workers("fake")
     return sock, session
 
 
@@ -131,9 +135,7 @@ def test_stored_travels_behind_the_next_assign(
     cluster: Cluster, raw: RawSockets
 ) -> None:
     # Given a fake worker of capacity 1 and two queued tasks
-    cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
-    sock, session = fake_worker(cluster, raw, capacity=1)
-    cluster.wait_workers("fake")
+    sock, session = fake_worker(cluster, raw)
     client = cluster.client()
     first, second = client.submit_many([("echo", 1), ("echo", 2)])
 
@@ -153,9 +155,7 @@ def test_stored_goes_alone_when_no_decision_follows(
     cluster: Cluster, raw: RawSockets
 ) -> None:
     # Given a fake worker and a single task
-    cluster.start_broker(env={"HAKOBU_LIVENESS": "1000"})
-    sock, session = fake_worker(cluster, raw, capacity=1)
-    cluster.wait_workers("fake")
+    sock, session = fake_worker(cluster, raw)
     handle = cluster.client().submit("echo", 1)
     assign = next_message(raw, sock)
     assert isinstance(assign, protocol.Assign)
