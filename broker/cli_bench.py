@@ -30,7 +30,8 @@ def bench_command(
         str,
         typer.Option(
             help="burst: submit everything, then collect; "
-            "serial: one task at a time, submit then wait."
+            "serial: one task at a time, each submitted and awaited in one "
+            "request (Client.call)."
         ),
     ] = "burst",
     batch: Annotated[
@@ -87,7 +88,8 @@ def bench_command(
         workers=workers,
         clients=clients,
         mode=mode,
-        batch=batch,
+        # Serial mode sends one task per request whatever --batch says.
+        batch=batch if mode == "burst" else 1,
         durability=durability,
         capacity=capacity,
         with_ceilings=ceilings,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -142,10 +143,9 @@ def run_up(
             children.start(
                 worker_id, _worker_args(settings, worker_id, capacity, tasks, config)
             )
-        with Client(
-            connectable(settings.clients_endpoint), request_timeout=1.0
-        ) as client:
-            problem = _wait_online(client, ids, children, stop)
+        endpoint = connectable(settings.clients_endpoint)
+        with Client(endpoint, request_timeout=1.0) as client:
+            problem = _wait_online(client, endpoint, ids, children, stop)
             if problem and stop.is_set() and demo is None:
                 # Asked to stop while starting: a clean stop, not a failure.
                 typer.echo("stopped before every worker was online", err=True)
@@ -209,17 +209,24 @@ def _worker_args(
 
 
 def _wait_online(
-    client: Client, ids: list[str], children: Children, stop: threading.Event
+    client: Client,
+    endpoint: str,
+    ids: list[str],
+    children: Children,
+    stop: threading.Event,
 ) -> str | None:
     """Wait until every worker is online; return what went wrong, if anything."""
     deadline = time.monotonic() + START_TIMEOUT_S
     while not stop.is_set():
         for name, code in children.exited().items():
             return f"{name} exited with code {code} at start:\n{children.tail(name)}"
-        try:
-            online = {w.id for w in client.workers() if w.state == "online"}
-        except BrokerUnavailable:
-            online = set()
+        online: set[str] = set()
+        # Ask only once the broker listens, so start-up logs no client retries.
+        if _is_listening(endpoint):
+            try:
+                online = {w.id for w in client.workers() if w.state == "online"}
+            except BrokerUnavailable:
+                pass
         if online.issuperset(ids):
             return None
         if time.monotonic() > deadline:
@@ -227,6 +234,21 @@ def _wait_online(
             return f"not online after {START_TIMEOUT_S:g} s: {missing}"
         stop.wait(0.1)
     return "interrupted while starting"
+
+
+def _is_listening(endpoint: str) -> bool:
+    """Whether a tcp:// endpoint accepts connections or an ipc:// one exists."""
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        return os.path.exists(address)
+    if scheme != "tcp":
+        return True
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=0.2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _print_layout(

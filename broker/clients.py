@@ -8,6 +8,7 @@ of a task that is not on disk yet.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -70,6 +71,14 @@ class ClientDesk:
         self, identity: bytes, msg: protocol.Message, replies: list[Reply]
     ) -> None:
         """Act on one decoded request; replies to reads wait for `after_commit`."""
+        if isinstance(msg, protocol.Wait | protocol.WaitMany | protocol.Run):
+            # NaN compares false with everything: as a deadline it would
+            # never come, and would hold every later wait behind it.
+            if math.isnan(msg.timeout):
+                logger.warning("request.refused reason=nan_timeout")
+                problem = "timeout must be a number of seconds, not NaN"
+                replies.append((identity, _error(msg.rid, "InvalidRequest", problem)))
+                return
         if isinstance(msg, protocol.Submit):
             replies.append((identity, self._submit(msg)))
         elif isinstance(msg, protocol.SubmitMany):

@@ -379,7 +379,12 @@ class Broker:
                 msg = protocol.decode(rest, protocol.CLIENT_REQUESTS)
             except ProtocolError as exc:
                 self._bad_frame("clients", exc, frames)
-                error = protocol.Error(rid=0, type=type(exc).__name__, message=str(exc))
+                error = protocol.Error(
+                    rid=protocol.peek_rid(rest),
+                    type=type(exc).__name__,
+                    message=str(exc),
+                    size=getattr(exc, "size", 0),
+                )
                 replies.append((identity, error))
                 continue
             if isinstance(msg, protocol.Submit) and self._delays_left:

@@ -237,18 +237,16 @@ class Client:
             ResultTimeout: `wait` seconds passed first.
             InvalidRequest, PayloadTooLarge, BrokerUnavailable: as for submit.
         """
+        wait = _wait_limit("wait", wait)
         body = _submit_body(self.settings.max_payload_bytes, name, payload, options)
-        deadline = None if wait is None else time.monotonic() + max(0.0, wait)
-        chunk_s = WAIT_CHUNK_S if deadline is None else min(WAIT_CHUNK_S, wait or 0.0)
+        deadline = None if wait is None else time.monotonic() + wait
+        chunk_s = WAIT_CHUNK_S if wait is None else min(WAIT_CHUNK_S, wait)
         data = self._call(
-            functools.partial(protocol.Run, task=body, timeout=max(0.0, chunk_s)),
+            functools.partial(protocol.Run, task=body, timeout=chunk_s),
             self._give_up_at(deadline),
         )
         info = _task(data)
-        if info.is_terminal:
-            return _outcome(info)
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        return self.result(info.id, left)
+        return self._wait_for(info.id, info, deadline, wait)
 
     def submit_many(
         self, tasks: Iterable[dict[str, Any] | tuple[Any, ...]]
@@ -289,7 +287,19 @@ class Client:
             ResultTimeout: `timeout` seconds passed first (None waits without limit).
         """
         _check_id(task_id)
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        timeout = _wait_limit("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self._wait_for(task_id, None, deadline, timeout)
+
+    def _wait_for(
+        self,
+        task_id: str,
+        info: TaskInfo | None,
+        deadline: float | None,
+        waited: float | None,
+    ) -> Any:
+        """WAIT until the task ends or `deadline` (monotonic) passes; `info` is
+        what is known already, `waited` the wait the caller asked for."""
         give_up = self._give_up_at(deadline)
 
         def chunk() -> float:
@@ -298,15 +308,16 @@ class Client:
             return max(0.0, min(WAIT_CHUNK_S, deadline - time.monotonic()))
 
         while True:
+            if info is not None:
+                if info.is_terminal:
+                    return _outcome(info)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise ResultTimeout(
+                        f"task {task_id} still {info.state} after waiting {waited} s"
+                    )
             info = _task(
                 self._call(lambda rid: protocol.Wait(rid, task_id, chunk()), give_up)
             )
-            if info.is_terminal:
-                return _outcome(info)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise ResultTimeout(
-                    f"task {task_id} still {info.state} after waiting {timeout} s"
-                )
 
     def gather(
         self,
@@ -333,7 +344,8 @@ class Client:
         ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
         for task_id in ids:
             _check_id(task_id)
-        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        timeout = _wait_limit("timeout", timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
         infos: dict[str, TaskInfo] = {}
         for start in range(0, len(ids), GATHER_CHUNK):
             chunk = list(dict.fromkeys(ids[start : start + GATHER_CHUNK]))
@@ -750,6 +762,21 @@ def _seconds(what: str, value: Any, positive: bool = False) -> float | None:
             f"{what}={value:g} s is over the limit of {MAX_DURATION_S:.0f} s (10 years)"
         )
     return float(value)
+
+
+def _wait_limit(what: str, value: Any) -> float | None:
+    """Return how long a wait may last in seconds, None for no limit.
+
+    Negatives mean no waiting and infinity no limit; non-numbers and NaN are
+    refused before anything is sent.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidRequest(f"{what} must be seconds (a number), not {value!r:.80}")
+    if math.isnan(value):
+        raise InvalidRequest(f"{what} must be a number of seconds, not NaN")
+    return None if math.isinf(value) and value > 0 else max(0.0, float(value))
 
 
 def _integer(what: str, value: Any, low: int, high: int = 2**31 - 1) -> int:

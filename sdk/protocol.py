@@ -374,6 +374,21 @@ def decode(frames: list[bytes], registry: dict[bytes, type[Message]]) -> Message
     return build(cls, body, size)
 
 
+def peek_rid(frames: list[bytes]) -> int:
+    """Return the rid of a request that failed to decode, or 0 when it has none.
+
+    So the error reply reaches the request that caused it, not a stray one.
+    """
+    if len(frames) != 3:
+        return 0
+    try:
+        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+    except Exception:  # the body itself is what was wrong
+        return 0
+    rid = body.get("rid") if isinstance(body, dict) else None
+    return rid if type(rid) is int else 0
+
+
 def build(cls: type[Message], body: dict[str, Any], size: int = 0) -> Message:
     """Check body fields against `cls` and construct it; unknown keys are ignored."""
     values: dict[str, Any] = {}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import time
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 from helpers.cluster import Cluster
 from helpers.raw import RawSockets
@@ -91,6 +92,68 @@ def test_run_with_a_malformed_task_gets_an_error_reply(
     cluster.start_worker("w1")
     assert cluster.client().call("echo", 3, wait=30) == 3
     assert cluster.query("select count(*) from tasks")[0][0] == 1
+
+
+@pytest.mark.timeout(60)
+def test_nan_wait_timeouts_are_refused_and_waits_still_end(
+    cluster: Cluster, raw: RawSockets
+) -> None:
+    # Given a broker, a worker and a task still running
+    cluster.start_broker()
+    cluster.start_worker("w1", capacity=2)
+    client = cluster.client()
+    running = client.submit("sleep", 5)
+    nan = float("nan")
+    task = {"name": "echo", "payload": b"\xc0", "key": "nan-run"}
+
+    # When RUN, WAIT and WAIT_MANY name a NaN timeout
+    requests = [
+        protocol.Run(rid=11, task=task, timeout=nan),
+        protocol.Wait(rid=12, id=running.id, timeout=nan),
+        protocol.WaitMany(rid=13, ids=[running.id], timeout=nan),
+    ]
+    replies = [raw.request(cluster.clients_endpoint, m.encode()) for m in requests]
+
+    # Then each is refused by rid, nothing was submitted, and a bounded wait
+    # still ends on time
+    assert [(r.rid, r.type) for r in replies] == [  # type: ignore[attr-defined]
+        (11, "InvalidRequest"),
+        (12, "InvalidRequest"),
+        (13, "InvalidRequest"),
+    ]
+    started = time.monotonic()
+    with pytest.raises(ResultTimeout, match="after waiting 1.0 s"):
+        client.call("sleep", 5, wait=1)
+    assert time.monotonic() - started < 4.0
+    assert cluster.query("select count(*) from tasks")[0][0] == 2
+
+
+@pytest.mark.timeout(30)
+def test_an_undecodable_request_is_answered_under_its_own_rid(
+    cluster: Cluster, raw: RawSockets
+) -> None:
+    # Given a broker
+    cluster.start_broker()
+    body = {"rid": 21, "task": {"name": "echo", "payload": b"", "key": "a"}}
+
+    # When a RUN carries a bool for its timeout
+    frames = [protocol.HEADER, b"RUN", msgpack.packb({**body, "timeout": True})]
+    reply = raw.request(cluster.clients_endpoint, frames)
+
+    # Then the error names the field and comes back under the request's rid
+    assert isinstance(reply, protocol.Error)
+    assert (reply.rid, reply.type) == (21, "DecodeError")
+    assert "Run.timeout" in reply.message
+    assert reply.size == sum(len(f) for f in frames)
+
+
+@pytest.mark.timeout(30)
+def test_call_refuses_a_wait_that_is_not_seconds(cluster: Cluster) -> None:
+    client = cluster.client(request_timeout=0.2)
+
+    for wait in ("5", True, float("nan")):
+        with pytest.raises(InvalidRequest, match="wait"):
+            client.call("echo", 1, wait=wait)
 
 
 def fake_worker(cluster: Cluster, raw: RawSockets):  # type: ignore[no-untyped-def]
