@@ -302,8 +302,9 @@ class Worker:
             self._session.on_welcome()
             self._resend(self._outbox.everything(now))
         elif isinstance(message, protocol.Reconnect):
-            self._log.info("worker.reconnect_asked reason={}", message.reason)
-            self._send(self._session.ready_message())
+            if not self._session.awaits_welcome(now):
+                self._log.info("worker.reconnect_asked reason={}", message.reason)
+                self._send(self._session.ready_message())
         elif isinstance(message, protocol.Stop):
             return self._on_stop(message)
         return None

@@ -6,9 +6,11 @@ The session token is fixed for the worker process; the socket is replaced
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -39,6 +41,8 @@ class Session:
         self.token = secrets.token_hex(8)
         self.socket: zmq.Socket[bytes] | None = None
         self.is_welcomed = False
+        #: When the last READY was made (monotonic); see `awaits_welcome`.
+        self._ready_at = -math.inf
         self._settings = settings
         self._handlers = list(handlers)
         self._ready_state = ready_state
@@ -110,6 +114,7 @@ class Session:
         """Return READY as of now; the next WELCOME is awaited from here on."""
         held, draining = self._ready_state()
         self.is_welcomed = False
+        self._ready_at = time.monotonic()
         return protocol.Ready(
             s=self.token,
             worker_id=self._settings.worker_id,
@@ -158,6 +163,15 @@ class Session:
             return None
         self._log.debug("protocol.received command={}", message.COMMAND.decode())
         return message
+
+    def awaits_welcome(self, now: float) -> bool:
+        """True while a READY went out less than a heartbeat ago, unanswered.
+
+        The broker answers every message of a session it does not know with
+        RECONNECT; one READY answers them all.
+        """
+        waited = now - self._ready_at
+        return not self.is_welcomed and waited < self._settings.heartbeat_interval_s
 
     def on_welcome(self) -> None:
         """READY was accepted: the next loss starts again from the shortest backoff."""

@@ -162,6 +162,24 @@ def test_welcome_resends_the_whole_outbox(broker, start_worker):
     assert {first.task, second.task} == {"t1", "t2"}
 
 
+def test_one_ready_answers_a_burst_of_reconnects(broker, start_worker):
+    # Given a registered worker (heartbeats every second)
+    start_worker(heartbeat_interval_s=1.0)
+    identity, ready = broker.register()
+
+    # When a restarted broker answers three messages with RECONNECT at once
+    for _ in range(3):
+        broker.send(identity, Reconnect(s=ready.s, reason="unknown session"))
+    seen = collect_for(broker, 0.5)
+
+    # Then the worker sent one READY, and sends another once welcomed and asked
+    readies = [m for m in seen if isinstance(m, Ready)]
+    assert len(readies) == 1 and readies[0].s == ready.s
+    broker.send(identity, Welcome(s=ready.s))
+    broker.send(identity, Reconnect(s=ready.s, reason="unknown session"))
+    assert broker.expect(Ready, timeout_s=2.0).s == ready.s
+
+
 def test_silent_broker_means_reconnect_with_held_attempts(broker, start_worker):
     # Given a worker running a long task and a broker that never heartbeats
     start_worker(liveness=3, heartbeat_interval_s=0.1)
