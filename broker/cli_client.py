@@ -236,7 +236,9 @@ def tasks(
     worker: Annotated[
         str | None, typer.Option(help="Only tasks of this worker.")
     ] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Most tasks to list.")] = 100,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10_000, help="Most tasks to list (1 to 10,000).")
+    ] = 100,
     endpoint: Endpoint = None,
     as_json: TasksJson = False,
 ) -> None:

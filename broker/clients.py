@@ -263,7 +263,7 @@ class ClientDesk:
             ]
             return protocol.Ok(rid=rid, data={"workers": workers})
         if isinstance(msg, protocol.ListTasks):
-            limit = max(1, min(msg.limit, 10_000))
+            limit = max(1, min(msg.limit, protocol.MAX_LIST_LIMIT))
             if msg.state in OPEN_STATES:
                 # Open tasks live in memory; their rows may lag (see _start).
                 tasks = self._live_list(msg.state, msg.worker, limit)

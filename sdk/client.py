@@ -237,10 +237,10 @@ class Client:
             ResultTimeout: `wait` seconds passed first.
             InvalidRequest, PayloadTooLarge, BrokerUnavailable: as for submit.
         """
-        wait = _wait_limit("wait", wait)
+        limit = _wait_limit("wait", wait)
         body = _submit_body(self.settings.max_payload_bytes, name, payload, options)
-        deadline = None if wait is None else time.monotonic() + wait
-        chunk_s = WAIT_CHUNK_S if wait is None else min(WAIT_CHUNK_S, wait)
+        deadline = None if limit is None else time.monotonic() + limit
+        chunk_s = WAIT_CHUNK_S if limit is None else min(WAIT_CHUNK_S, limit)
         data = self._call(
             functools.partial(protocol.Run, task=body, timeout=chunk_s),
             self._give_up_at(deadline),
@@ -287,8 +287,8 @@ class Client:
             ResultTimeout: `timeout` seconds passed first (None waits without limit).
         """
         _check_id(task_id)
-        timeout = _wait_limit("timeout", timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = _wait_limit("timeout", timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         return self._wait_for(task_id, None, deadline, timeout)
 
     def _wait_for(
@@ -296,7 +296,7 @@ class Client:
         task_id: str,
         info: TaskInfo | None,
         deadline: float | None,
-        waited: float | None,
+        waited: Any,
     ) -> Any:
         """WAIT until the task ends or `deadline` (monotonic) passes; `info` is
         what is known already, `waited` the wait the caller asked for."""
@@ -344,8 +344,8 @@ class Client:
         ids = [t.id if isinstance(t, TaskHandle) else t for t in tasks]
         for task_id in ids:
             _check_id(task_id)
-        timeout = _wait_limit("timeout", timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        limit = _wait_limit("timeout", timeout)
+        deadline = None if limit is None else time.monotonic() + limit
         infos: dict[str, TaskInfo] = {}
         for start in range(0, len(ids), GATHER_CHUNK):
             chunk = list(dict.fromkeys(ids[start : start + GATHER_CHUNK]))
@@ -422,7 +422,8 @@ class Client:
     def tasks(
         self, state: str | None = None, worker: str | None = None, limit: int = 100
     ) -> list[TaskInfo]:
-        """Return up to `limit` tasks, newest first, without their results."""
+        """Return up to `limit` (at most 10,000) tasks, newest first, without
+        their results."""
         _check_list_args(state, worker, limit)
         data = self._call(lambda rid: protocol.ListTasks(rid, state, worker, limit))
         return [TaskInfo.from_wire(t) for t in _field(data, "tasks", list)]
@@ -774,9 +775,13 @@ def _wait_limit(what: str, value: Any) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{what} must be seconds (a number), not {value!r:.80}")
-    if math.isnan(value):
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past any float: no limit, or no waiting
+        return None if value > 0 else 0.0
+    if math.isnan(seconds):
         raise InvalidRequest(f"{what} must be a number of seconds, not NaN")
-    return None if math.isinf(value) and value > 0 else max(0.0, float(value))
+    return None if math.isinf(seconds) and seconds > 0 else max(0.0, seconds)
 
 
 def _integer(what: str, value: Any, low: int, high: int = 2**31 - 1) -> int:
@@ -815,4 +820,4 @@ def _check_list_args(state: Any, worker: Any, limit: Any) -> None:
         )
     if worker is not None:
         _check_text("worker", worker, 1024)
-    _integer("limit", limit, low=1)
+    _integer("limit", limit, low=1, high=protocol.MAX_LIST_LIMIT)

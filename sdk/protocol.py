@@ -35,6 +35,8 @@ ENVELOPE_SLACK_BYTES = 64 * 1024
 MAX_NAME_CHARS = 200
 #: Most tags on a task or a worker.
 MAX_TAGS = 64
+#: Most tasks one TASKS request lists.
+MAX_LIST_LIMIT = 10_000
 
 
 class Message:

@@ -29,7 +29,7 @@ def test_call_returns_the_value_and_raises_like_result(cluster: Cluster) -> None
     value = client.call("echo", {"x": [1, 2]}, wait=30)
     with pytest.raises(TaskFailed) as failed:
         client.call("fail", "boom", wait=30)
-    with pytest.raises(ResultTimeout):
+    with pytest.raises(ResultTimeout, match="after waiting 0.3 s"):
         client.call("sleep", 5, wait=0.3)
 
     # Then the value came back, the failure and the timeout were raised,
@@ -122,7 +122,7 @@ def test_nan_wait_timeouts_are_refused_and_waits_still_end(
         (13, "InvalidRequest"),
     ]
     started = time.monotonic()
-    with pytest.raises(ResultTimeout, match="after waiting 1.0 s"):
+    with pytest.raises(ResultTimeout, match="after waiting 1 s"):
         client.call("sleep", 5, wait=1)
     assert time.monotonic() - started < 4.0
     assert cluster.query("select count(*) from tasks")[0][0] == 2

@@ -618,3 +618,28 @@ def test_forked_child_builds_its_own_socket(fake) -> None:
         assert client.submit("echo", 2, key="again").id == "again"
 
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_wait_limits_are_seconds_none_or_refused() -> None:
+    from sdk.client import _wait_limit
+
+    assert _wait_limit("wait", None) is None
+    assert _wait_limit("wait", 2.5) == 2.5
+    assert _wait_limit("wait", 3) == 3.0
+    assert _wait_limit("wait", -1) == 0.0
+    assert _wait_limit("wait", float("inf")) is None
+    assert _wait_limit("wait", float("-inf")) == 0.0
+    # Ints past any float mean no limit, or no waiting, not OverflowError.
+    assert _wait_limit("wait", 10**400) is None
+    assert _wait_limit("wait", -(10**400)) == 0.0
+    for bad in (float("nan"), True, "5", [1]):
+        with pytest.raises(InvalidRequest, match="wait"):
+            _wait_limit("wait", bad)
+
+
+def test_task_list_limit_is_refused_past_what_the_broker_lists() -> None:
+    client = Client("tcp://127.0.0.1:1", request_timeout=0.1)
+    for limit in (0, 10_001):
+        with pytest.raises(InvalidRequest, match="1 to 10000"):
+            client.tasks(limit=limit)
+    client.close()
