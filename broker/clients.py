@@ -64,6 +64,9 @@ class ClientDesk:
         self.waiters: dict[str, list[Waiter]] = {}
         self._wait_heap: list[Waiter] = []
         self._reads: list[tuple[bytes, protocol.Message]] = []
+        #: A RUN made a task this turn: its reply, a read, may come at once
+        #: (wait 0), so the turn must commit like a SUBMIT's.
+        self.ran_new_task = False
 
     # --- during the turn ----------------------------------------------------------
 
@@ -117,6 +120,7 @@ class ClientDesk:
         task_id = self.keys.find(request.key)
         if task_id is None:
             task_id = self._accept(request).id
+            self.ran_new_task = True
         # Answered after the commit as a WAIT: at once if it ended, else parked.
         self._reads.append((identity, protocol.Wait(msg.rid, task_id, msg.timeout)))
 

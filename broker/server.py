@@ -219,6 +219,7 @@ class Broker:
                 time.sleep(self.settings.fault_commit_delay_s)
             self.store.commit(effects.batch)
             self._carry = None
+            self.desk.ran_new_task = False
         elif self._carry is None and len(effects.batch):
             self._carry, self._carry_since = effects.batch, now
 
@@ -252,7 +253,7 @@ class Broker:
             return False
         # Reads (STATUS, WAIT, lists) need no commit: what they show of
         # uncommitted writes (an ACK, a requeue) a restart recovers alike.
-        if replies or effects.ended or self.stop_signal:
+        if replies or effects.ended or self.stop_signal or self.desk.ran_new_task:
             return True
         if any(type(msg) not in _CHATTER for _, msg in effects.sends):
             return True

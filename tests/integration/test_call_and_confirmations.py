@@ -58,6 +58,23 @@ def test_call_with_a_known_key_waits_for_that_task(cluster: Cluster) -> None:
     assert first.result(timeout=5) == "first"
 
 
+@pytest.mark.timeout(60)
+def test_a_call_answered_at_once_survives_a_broker_kill(cluster: Cluster) -> None:
+    # Given a broker with no worker, so a called task stays queued
+    broker = cluster.start_broker()
+    client = cluster.client()
+
+    # When a call that does not wait is answered, and the broker is killed
+    with pytest.raises(ResultTimeout, match="still queued"):
+        client.call("echo", 1, wait=0, key="answered")
+    cluster.kill(broker)
+
+    # Then the task it was told about is on disk
+    assert cluster.query("select key, state from tasks") == [("answered", "queued")]
+    cluster.restart(broker)
+    assert client.submit("echo", 1, key="answered").created is False
+
+
 @pytest.mark.timeout(30)
 def test_call_refuses_bad_arguments_before_sending(cluster: Cluster) -> None:
     # Given a broker that is not running at all
