@@ -23,6 +23,7 @@ from broker.validation import check_submit
 from sdk import protocol
 from sdk.errors import DecodeError
 from sdk.ids import time_ordered_id
+from sdk.records import TASK_STATES
 
 #: Longest a single WAIT may be parked, in seconds.
 MAX_WAIT_S = 3600.0
@@ -267,6 +268,10 @@ class ClientDesk:
             ]
             return protocol.Ok(rid=rid, data={"workers": workers})
         if isinstance(msg, protocol.ListTasks):
+            if msg.state is not None and msg.state not in TASK_STATES:
+                known = ", ".join(TASK_STATES)
+                problem = f"unknown state {msg.state[:40]!r}; one of {known}"
+                return _error(rid, "InvalidRequest", problem)
             limit = max(1, min(msg.limit, protocol.MAX_LIST_LIMIT))
             if msg.state in OPEN_STATES:
                 # Open tasks live in memory; their rows may lag (see _start).

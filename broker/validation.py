@@ -40,6 +40,8 @@ def check_submit(request: protocol.Submit) -> str | None:
             return f"{field} must be 0-{MAX_DURATION_S:.0f} seconds"
     if request.timeout is not None and request.timeout == 0:
         return "timeout must be above 0 seconds"
+    if request.preferred_worker == "":
+        return "preferred_worker is empty; name a worker id or leave it out"
     if request.preferred_worker is not None:
         try:
             validate_worker_id(request.preferred_worker)

@@ -57,6 +57,12 @@ def malformed_requests() -> dict[str, list[bytes]]:
             "payload_over_limit": submit_frames(payload=b"x" * (MAX_PAYLOAD + 1)),
             "empty_name": submit_frames(name=""),
             "negative_delay": submit_frames(delay=-1.0),
+            "empty_preferred_worker": submit_frames(preferred_worker=""),
+            "unknown_task_state": [
+                protocol.HEADER,
+                b"TASKS",
+                msgpack.packb({"rid": 3, "state": "bogus", "limit": 5}),
+            ],
         }
     )
     return cases
@@ -68,6 +74,8 @@ EXPECTED_ERROR_TYPES = {
     "f_megabyte_name": {"InvalidRequest", "DecodeError"},
     "empty_name": {"InvalidRequest"},
     "negative_delay": {"InvalidRequest"},
+    "empty_preferred_worker": {"InvalidRequest"},
+    "unknown_task_state": {"InvalidRequest"},
 }
 
 
