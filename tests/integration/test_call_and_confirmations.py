@@ -9,6 +9,7 @@ import time
 
 import msgpack  # type: ignore[import-untyped]
 import pytest
+import zmq
 from helpers.cluster import Cluster
 from helpers.raw import RawSockets
 from helpers.waiting import wait_until
@@ -173,7 +174,7 @@ def test_call_refuses_a_wait_that_is_not_seconds(cluster: Cluster) -> None:
             client.call("echo", 1, wait=wait)
 
 
-def fake_worker(cluster: Cluster, raw: RawSockets):  # type: ignore[no-untyped-def]
+def fake_worker(cluster: Cluster, raw: RawSockets) -> tuple[zmq.Socket[bytes], str]:
     """Start a broker, register a DEALER as worker "fake" of capacity 1 and
     return (socket, session)."""
     # A long liveness: the fake sends no heartbeats.
@@ -193,7 +194,9 @@ def fake_worker(cluster: Cluster, raw: RawSockets):  # type: ignore[no-untyped-d
     return sock, session
 
 
-def next_message(raw: RawSockets, sock, timeout_s: float = 5.0) -> protocol.Message:  # type: ignore[no-untyped-def]
+def next_message(
+    raw: RawSockets, sock: zmq.Socket[bytes], timeout_s: float = 5.0
+) -> protocol.Message:
     """Return the next broker message that is not a heartbeat or welcome."""
     while True:
         message = protocol.decode(raw.recv(sock, timeout_s), protocol.BROKER_MESSAGES)
@@ -201,7 +204,7 @@ def next_message(raw: RawSockets, sock, timeout_s: float = 5.0) -> protocol.Mess
             return message
 
 
-def answer(sock, session: str, assign: protocol.Assign) -> None:  # type: ignore[no-untyped-def]
+def answer(sock: zmq.Socket[bytes], session: str, assign: protocol.Assign) -> None:
     """ACK and finish `assign` with its own payload as the result."""
     sock.send_multipart(protocol.Ack(s=session, n=[assign.n]).encode())
     result = protocol.Result(
@@ -225,9 +228,10 @@ def test_stored_travels_behind_the_next_assign(
     answer(sock, session, assign)
 
     # Then the next ASSIGN comes first, the first task's STORED right behind it
-    following = [next_message(raw, sock), next_message(raw, sock)]
-    assert [type(m) for m in following] == [protocol.Assign, protocol.Stored]
-    assert (following[0].task, following[1].task) == (second.id, first.id)  # type: ignore[attr-defined]
+    assign_next, stored = next_message(raw, sock), next_message(raw, sock)
+    assert isinstance(assign_next, protocol.Assign)
+    assert isinstance(stored, protocol.Stored)
+    assert (assign_next.task, stored.task) == (second.id, first.id)
 
 
 @pytest.mark.timeout(30)
