@@ -28,6 +28,7 @@ import psutil  # type: ignore[import-untyped]
 
 from benchmarks import ceilings
 from benchmarks.cluster import LocalCluster
+from broker.models import TASK_ASSIGNED
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,7 @@ def run(
         cpu_before = sum(broker.cpu_times()[:2])
         rss_before = broker.memory_info().rss
         results = _drive_clients(cluster.clients_endpoint, config, cluster.db, progress)
-        # From the first client's first submit to the last client's last
-        # result: each client starts its clock once it is imported and connected.
-        elapsed = max(r["ended"] for r in results) - min(r["started"] for r in results)
+        elapsed = _window(results)
         cpu_used = sum(broker.cpu_times()[:2]) - cpu_before
         rss_after = broker.memory_info().rss
     finally:
@@ -161,17 +160,22 @@ def _drive_clients(
             pending.wait(0.5)
             progress(_count_terminal(db), config.tasks, time.perf_counter() - started)
         results = pending.get()
-    # The last line uses the figures' clock: from the first submit, not from
-    # when the client processes were started.
-    window = max(r["ended"] for r in results) - min(r["started"] for r in results)
-    progress(_count_terminal(db), config.tasks, window)
+    # The last line uses the figures' clock, not the start of the processes.
+    progress(_count_terminal(db), config.tasks, _window(results))
     return results
+
+
+def _window(results: list[dict[str, Any]]) -> float:
+    """Seconds from the first client's first submit to the last one's last result.
+
+    Each client starts its clock once it is imported and connected.
+    """
+    return max(r["ended"] for r in results) - min(r["started"] for r in results)
 
 
 def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, Any]:
     from sdk import Client
 
-    accepted = 0
     latencies: list[float] = []
     with Client(endpoint, request_timeout=30.0) as client:
         # time.monotonic is one clock for every process on the machine.
@@ -182,25 +186,18 @@ def _client_job(endpoint: str, count: int, mode: str, batch: int) -> dict[str, A
                 submitted = time.perf_counter()
                 client.call("echo", None, wait=60)
                 latencies.append((time.perf_counter() - submitted) * 1000)
-                accepted += 1
-            ended = time.monotonic()
-            return {
-                "accepted": accepted,
-                "latencies_ms": latencies,
-                "started": started,
-                "ended": ended,
-            }
-        handles = []
-        if batch > 1:
+        elif batch > 1:
+            handles = []
             for start in range(0, count, batch):
                 size = min(batch, count - start)
                 handles += client.submit_many([{"name": "echo"}] * size)
+            client.gather(handles, timeout=300)
         else:
-            handles = [client.submit("echo", None) for _ in range(count)]
-        client.gather(handles, timeout=300)
+            client.gather([client.submit("echo", None) for _ in range(count)], 300)
         ended = time.monotonic()
+    # Every submit and call above was accepted, or it raised.
     return {
-        "accepted": len(handles),
+        "accepted": count,
         "latencies_ms": latencies,
         "started": started,
         "ended": ended,
@@ -224,15 +221,15 @@ def _read_rows(db: Path) -> dict[str, dict[str, Any]]:
     # the submit's own loop turn whenever a slot is free. The worker's ACK is
     # no clock for it, as a quick job's ACK travels with its RESULT.
     sql = """
-        SELECT t.id, t.state, t.created_at, t.started_at, t.finished_at,
+        SELECT t.id, t.state, t.created_at, t.finished_at,
                (SELECT min(n.created_at) FROM worker_notifications n
-                WHERE n.task_id = t.id AND n.notification_type = 'task_assigned')
+                WHERE n.task_id = t.id AND n.notification_type = ?)
                AS assigned_at
         FROM tasks t
     """
     with sqlite3.connect(db) as conn:
         conn.row_factory = sqlite3.Row
-        return {r["id"]: dict(r) for r in conn.execute(sql)}
+        return {r["id"]: dict(r) for r in conn.execute(sql, (TASK_ASSIGNED,))}
 
 
 def _percentiles(values: list[float]) -> dict[str, float | None]:

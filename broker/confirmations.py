@@ -27,9 +27,6 @@ class HeldConfirmations:
         self._held: dict[str, list[protocol.Message]] = {}
         self._due_at = math.inf
 
-    def __len__(self) -> int:
-        return sum(len(m) for m in self._held.values())
-
     def due_at(self) -> float:
         """Return when the oldest held STORED must go (inf when none is held)."""
         return self._due_at
@@ -53,7 +50,5 @@ class HeldConfirmations:
         for worker_id in workers:
             out += [(worker_id, m) for m in self._held.pop(worker_id)]
         if not self._held:
-            self._due_at = math.inf
-        elif now >= self._due_at:
             self._due_at = math.inf
         return out
